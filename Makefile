@@ -1,0 +1,41 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create the
+# virtual environment first when it is missing or older than pyproject/constraints.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+# The CPU build of torch 2.13 on this machine; on a GPU machine pass your own, e.g.
+#   make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Offline Hugging Face: models, tokenizers and datasets come from local files only.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export HF_HOME := $(CURDIR)/.hf_home
+export TOKENIZERS_PARALLELISM := true
+
+.PHONY: demo test venv constraints clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,airflow]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/automixer prepare --config configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Re-pin constraints.txt from the current environment (torch and its CUDA wheels excluded).
+constraints: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+	  | grep -viE '^(torch|nvidia-|triton)'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf runs .pytest_cache .hf_home

@@ -1,0 +1,3 @@
+from automixer_ops.cli import main
+
+raise SystemExit(main())

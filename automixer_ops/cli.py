@@ -1,0 +1,87 @@
+"""`automixer <step>`: run any pipeline step alone, from a shell, a pod or an Airflow task.
+
+Every step takes the run's config file (`--config`) and optional `--set section.key=value`
+overrides. Errors in inputs or settings print one line naming the file, line, field or
+key at fault and exit with status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from automixer_ops import __version__
+from automixer_ops.errors import AutomixerError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, help="run config YAML (e.g. configs/demo.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (YAML syntax); repeatable")
+
+
+def _load(args: argparse.Namespace):
+    from automixer_ops.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from automixer_ops.prepare import prepare, print_summary
+
+    cfg = _load(args)
+    summary = prepare(cfg, force=args.force, log=lambda msg: print(msg, file=sys.stderr))
+    print_summary(summary)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from automixer_ops.config import reference_markdown
+
+    if args.reference:
+        print(reference_markdown())
+        return 0
+    if not args.config:
+        raise AutomixerError("config: give --config FILE to validate and print, or --reference")
+    print(_load(args).dump_yaml(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="automixer",
+        description="AutoMixer: turn a proxy run's checkpoints into an influence-weighted data mixture.")
+    parser.add_argument("--version", action="version", version=f"automixer {__version__}")
+    steps = parser.add_subparsers(dest="step", metavar="<step>", required=True)
+
+    p = steps.add_parser("prepare", help="validate and tokenize the corpus into corpus/part-*.parquet",
+                         description="Read the corpus (JSONL, Parquet or a datasets directory), train or load "
+                                     "the tokenizer, and write tokenized shards into the run directory.")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if the run already has a prepared corpus")
+    p.set_defaults(func=cmd_prepare)
+
+    p = steps.add_parser("config", help="validate a config and print it resolved, or print the reference",
+                         description="Validate a run config and print it with every default filled in and "
+                                     "paths resolved; --reference prints every setting with its doc.")
+    p.add_argument("--config", "-c", help="run config YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--reference", action="store_true", help="print all settings as Markdown")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AutomixerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

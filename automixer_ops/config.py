@@ -1,0 +1,302 @@
+"""The run configuration: one YAML file per run, validated on load.
+
+Each section is a dataclass; every field carries its default and a one-line doc
+(`automixer config --reference` prints them all, docs/configuration.md is that output).
+Loading checks every key against the dataclass fields, so a typo fails with the key's
+full path and the keys that are allowed there, instead of being silently ignored.
+
+Relative paths in a config file resolve against the directory of that file, so a run
+behaves the same from any working directory (an Airflow worker's is not yours).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from automixer_ops.errors import ConfigError
+
+
+def setting(default: Any, doc: str) -> Any:
+    """A config field with its default and the doc line shown in the reference."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def required(doc: str) -> Any:
+    return field(metadata={"doc": doc, "required": True})
+
+
+@dataclass(kw_only=True)
+class RunSection:
+    id: str = setting("demo", "Run name; the run directory is <root>/<id>. Letters, digits, '.', '_' and '-'.")
+    root: str = setting("runs", "Directory that holds run directories.")
+    seed: int = setting(0, "Seed for every random choice of the run (sampling, training, mixing).")
+
+    def check(self, where: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.id):
+            raise ConfigError(f"{where}.id: {self.id!r} is not a valid run id "
+                              "(letters, digits, '.', '_' and '-', not starting with a symbol)")
+
+
+@dataclass(kw_only=True)
+class CorpusSection:
+    paths: list[str] = required(
+        "Corpus inputs: files, directories or glob patterns. JSONL (.jsonl, .json, optionally .gz), "
+        "Parquet (.parquet) or a local Hugging Face `datasets` directory (save_to_disk output).")
+    format: Literal["auto", "jsonl", "parquet", "hf_dataset"] = setting(
+        "auto", "Input format; 'auto' decides per path from its extension or directory contents.")
+    id_field: str = setting("id", "Field holding the document id (string or integer; unique, non-empty).")
+    text_field: str = setting("text", "Field holding the document text (string).")
+    source_field: str = setting(
+        "source", "Field naming the document's source/domain; when a record lacks it, the input file's stem is used.")
+    hf_split: str | None = setting(None, "Split to read when a `datasets` directory holds a DatasetDict.")
+    empty_text: Literal["skip", "error"] = setting(
+        "skip", "What to do with a document whose text is empty or only whitespace: skip it (counted in the "
+        "summary) or fail.")
+    docs_per_shard: int = setting(10_000, "Documents per corpus/part-*.parquet shard (the unit of parallel scoring).")
+    batch_docs: int = setting(1_000, "Documents read, tokenized and written at a time; bounds prepare's memory.")
+
+    def check(self, where: str) -> None:
+        if not self.paths:
+            raise ConfigError(f"{where}.paths: give at least one corpus file, directory or glob")
+        for name in ("docs_per_shard", "batch_docs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class TokenizerSection:
+    path: str | None = setting(
+        None, "Local Hugging Face tokenizer directory to use. Empty: train a byte-level BPE on the corpus.")
+    vocab_size: int = setting(16_384, "Vocabulary size of the trained BPE tokenizer (special tokens included).")
+    min_frequency: int = setting(2, "Minimum pair frequency for a BPE merge.")
+    train_max_chars: int = setting(
+        500_000_000, "Train the BPE on the corpus' first documents up to this many characters (bounds memory).")
+    model_max_length: int = setting(2048, "model_max_length saved with the tokenizer.")
+
+    def check(self, where: str) -> None:
+        if self.vocab_size < 260:
+            raise ConfigError(f"{where}.vocab_size: must be >= 260 (256 byte symbols + special tokens), "
+                              f"got {self.vocab_size}")
+        for name in ("min_frequency", "train_max_chars", "model_max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunSection = setting(RunSection(), "Where the run lives and its seed.")
+    corpus: CorpusSection = required("The raw pretraining corpus.")
+    tokenizer: TokenizerSection = setting(TokenizerSection(), "Tokenizer: given, or trained on the corpus.")
+
+    # Directory that relative paths resolve against; not a YAML key.
+    base_dir: Path = field(default=Path("."), repr=False, compare=False, metadata={"internal": True})
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.resolve(self.run.root).resolve() / self.run.id
+
+    def to_dict(self, resolved: bool = True) -> dict:
+        """The config as plain data; with resolved=True, paths are absolute."""
+        data = _to_dict(self)
+        if resolved:
+            data["run"]["root"] = str(self.resolve(self.run.root).resolve())
+            data["corpus"]["paths"] = [_resolve_pattern(self, p) for p in self.corpus.paths]
+            if self.tokenizer.path:
+                data["tokenizer"]["path"] = str(self.resolve(self.tokenizer.path).resolve())
+        return data
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _resolve_pattern(cfg: Config, pattern: str) -> str:
+    # normpath, not resolve(): a glob pattern is not a path that exists.
+    p = Path(pattern).expanduser()
+    return os.path.normpath(p if p.is_absolute() else (cfg.base_dir.resolve() / p))
+
+
+def _to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get("internal")}
+    if isinstance(obj, list):
+        return [_to_dict(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- loading and validation
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override (`section.key=value`, value parsed as YAML) and validate a config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = config_from_dict(raw, where=str(path))
+    cfg.base_dir = path.resolve().parent
+    return cfg
+
+
+def config_from_dict(raw: dict, where: str = "config") -> Config:
+    cfg = _build(Config, raw, prefix="", where=where)
+    for f in dataclasses.fields(Config):
+        section = getattr(cfg, f.name)
+        if hasattr(section, "check"):
+            try:
+                section.check(f.name)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+
+
+def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+    name = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {name}: expected a mapping, got {_show(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            allowed = ", ".join(fields)
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}; allowed keys here: {allowed}")
+    values = {}
+    for key, f in fields.items():
+        if key in raw:
+            values[key] = _coerce(hints[key], raw[key], f"{prefix}{key}", where)
+        elif f.metadata.get("required"):
+            raise ConfigError(f"{where}: missing required key '{prefix}{key}': {f.metadata['doc']}")
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, {} if value is None else value, prefix=key + ".", where=where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {key}: {_show(value)} is not allowed; choose one of "
+                              + ", ".join(repr(a) for a in args))
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key}: expected a list, got {_show(value)}")
+        return [_coerce(args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key}: expected true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key}: expected an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key}: expected a number, got {_show(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key}: expected a string, got {_show(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+# ---------------------------------------------------------------- reference docs
+
+def reference_markdown() -> str:
+    """Every setting with its type, default and doc, as Markdown."""
+    lines = ["# Configuration reference", "",
+             "Generated by `automixer config --reference`. Relative paths resolve against the "
+             "config file's directory. Keys marked *required* have no default.", ""]
+    hints = typing.get_type_hints(Config)
+    for sec in dataclasses.fields(Config):
+        if sec.metadata.get("internal"):
+            continue
+        cls = hints[sec.name]
+        lines += [f"## `{sec.name}`", "", sec.metadata["doc"], "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        sub_hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = "*required*" if f.metadata.get("required") else f"`{_yaml_scalar(_field_default(f))}`"
+            lines.append(f"| `{f.name}` | {_type_name(sub_hints[f.name])} | {default} | {f.metadata['doc']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " \\| ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))

@@ -1,0 +1,46 @@
+"""Shared fixtures. Hugging Face is kept offline with a project-local cache for every test."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", str(ROOT / ".hf_home"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+DATA = ROOT / "data"
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def write_config(path: Path, corpus: dict, tokenizer: dict | None = None, run: dict | None = None) -> Path:
+    import yaml
+
+    cfg = {"run": {"id": "t", "root": "runs", **(run or {})},
+           "corpus": corpus,
+           "tokenizer": {"vocab_size": 400, "model_max_length": 256, **(tokenizer or {})}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """The first 12 documents of each of the 9 embedded domains: real text, quick to prepare."""
+    out = tmp_path_factory.mktemp("small_corpus")
+    for src in sorted((DATA / "corpus").glob("*.jsonl")):
+        with open(src, encoding="utf-8") as f:
+            rows = [json.loads(next(f)) for _ in range(12)]
+        write_jsonl(out / src.name, rows)
+    return out
