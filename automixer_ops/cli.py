@@ -20,6 +20,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value (YAML syntax); repeatable")
 
 
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _load(args: argparse.Namespace):
     from automixer_ops.config import load_config
 
@@ -30,8 +34,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from automixer_ops.prepare import prepare, print_summary
 
     cfg = _load(args)
-    summary = prepare(cfg, force=args.force, log=lambda msg: print(msg, file=sys.stderr))
+    summary = prepare(cfg, force=args.force, log=_log)
     print_summary(summary)
+    return 0
+
+
+def cmd_train_proxy(args: argparse.Namespace) -> int:
+    from automixer_ops.proxy import train_proxy
+
+    ckpts = train_proxy(_load(args), log=_log)
+    print(f"checkpoints: {', '.join(f'step-{s}' for s in ckpts)}")
     return 0
 
 
@@ -60,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even if the run already has a prepared corpus")
     p.set_defaults(func=cmd_prepare)
+
+    p = steps.add_parser("train-proxy", help="train the proxy model, saving checkpoints/step-<N> (or link yours)",
+                         description="Train the Llama proxy on the prepared corpus and save a checkpoint every "
+                                     "proxy.save_every steps; resumes from the latest complete checkpoint. With "
+                                     "proxy.checkpoints, links your existing checkpoints instead.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train_proxy)
 
     p = steps.add_parser("config", help="validate a config and print it resolved, or print the reference",
                          description="Validate a run config and print it with every default filled in and "

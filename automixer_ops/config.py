@@ -66,7 +66,7 @@ class CorpusSection:
         "skip", "What to do with a document whose text is empty or only whitespace: skip it (counted in the "
         "summary) or fail.")
     docs_per_shard: int = setting(10_000, "Documents per corpus/part-*.parquet shard (the unit of parallel scoring).")
-    batch_docs: int = setting(1_000, "Documents read, tokenized and written at a time; bounds prepare's memory.")
+    batch_docs: int = setting(1_000, "Documents read, tokenized and written at a time (a batch also ends at 2M characters); bounds prepare's memory.")
 
     def check(self, where: str) -> None:
         if not self.paths:
@@ -96,10 +96,110 @@ class TokenizerSection:
 
 
 @dataclass(kw_only=True)
+class CheckpointRef:
+    step: int = required("Training step the checkpoint was saved at.")
+    path: str = required("Hugging Face checkpoint directory (save_pretrained output: config.json + weights).")
+
+
+@dataclass(kw_only=True)
+class ProxySection:
+    preset: Literal["tiny", "25m", "50m", "75m", "350m", "1.5b"] = setting(
+        "tiny", "Llama size preset of the proxy model (docs/proxy.md lists each preset's parameter count).")
+    seq_len: int = setting(512, "Tokens per packed training sequence.")
+    batch_size: int = setting(16, "Sequences per micro-batch.")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
+    max_steps: int = setting(1000, "Optimizer steps of the proxy run.")
+    save_every: int = setting(100, "Save a checkpoint every this many steps (and at the last step).")
+    lr: float = setting(3e-3, "Peak learning rate of AdamW.")
+    min_lr_ratio: float = setting(0.1, "Cosine decay ends at lr * min_lr_ratio.")
+    warmup_steps: int = setting(100, "Linear warmup steps before the cosine decay.")
+    weight_decay: float = setting(0.1, "AdamW weight decay (matrices only; not norms or biases).")
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this value (0: no clipping).")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "Where to train; 'auto' takes CUDA when present.")
+    log_every: int = setting(10, "Log loss and tokens/s every this many steps.")
+    checkpoints: list[CheckpointRef] = setting(
+        [], "Bring your own checkpoints: a list of {step, path}. When given, train-proxy trains nothing and "
+        "links these into the run.")
+
+    def check(self, where: str) -> None:
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ConfigError(f"{where}.warmup_steps: must be in [0, max_steps={self.max_steps}), "
+                              f"got {self.warmup_steps}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{where}: lr must be > 0 and min_lr_ratio in [0, 1]")
+        steps = [c.step for c in self.checkpoints]
+        if len(set(steps)) != len(steps):
+            raise ConfigError(f"{where}.checkpoints: steps must be distinct, got {steps}")
+        if any(s < 0 for s in steps):
+            raise ConfigError(f"{where}.checkpoints: steps must be >= 0, got {steps}")
+
+
+@dataclass(kw_only=True)
+class CustomTask:
+    name: str = required("Task name, used in tables and plots (letters, digits, '_', '-').")
+    path: str = required("JSONL file: fields context, choices, gold (multiple choice, scored by accuracy) "
+                         "or context, continuation (likelihood only, scored by perplexity).")
+
+
+@dataclass(kw_only=True)
+class TasksSection:
+    targets: list[str] = setting(
+        ["arc_easy", "arc_challenge", "boolq", "piqa", "social_iqa", "hellaswag", "openbookqa", "winogrande"],
+        "Target tasks by their lm-evaluation-harness names.")
+    data_dir: str | None = setting(
+        None, "Directory of local copies, <task>/<split>.jsonl, served through lm-eval's own task YAMLs. "
+        "null: lm-eval loads each task the usual way (from the Hugging Face hub).")
+    custom: list[CustomTask] = setting([], "Your own target tasks from JSONL files, in addition to targets.")
+
+    def check(self, where: str) -> None:
+        names = self.names()
+        if not names:
+            raise ConfigError(f"{where}: give at least one target or custom task")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: task names must be distinct, got {names}")
+        for t in self.custom:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", t.name):
+                raise ConfigError(f"{where}.custom: {t.name!r} is not a valid task name")
+
+    def names(self) -> list[str]:
+        return list(self.targets) + [t.name for t in self.custom]
+
+
+@dataclass(kw_only=True)
+class EvaluateSection:
+    limit: int | None = setting(None, "Evaluate the first N documents of each task (lm-eval --limit); null: all.")
+    batch_size: int = setting(32, "lm-eval batch size (requests per forward pass).")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "Where to evaluate; 'auto' takes CUDA when present.")
+
+    def check(self, where: str) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"{where}.limit: must be >= 1 or null, got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size: must be >= 1, got {self.batch_size}")
+
+
+@dataclass(kw_only=True)
+class InfluenceSection:
+    val_docs_per_task: int = setting(
+        64, "Validation documents per task whose (context, gold continuation) loss the influence targets.")
+
+    def check(self, where: str) -> None:
+        if self.val_docs_per_task < 1:
+            raise ConfigError(f"{where}.val_docs_per_task: must be >= 1, got {self.val_docs_per_task}")
+
+
+@dataclass(kw_only=True)
 class Config:
     run: RunSection = setting(RunSection(), "Where the run lives and its seed.")
     corpus: CorpusSection = required("The raw pretraining corpus.")
     tokenizer: TokenizerSection = setting(TokenizerSection(), "Tokenizer: given, or trained on the corpus.")
+    proxy: ProxySection = setting(ProxySection(), "The proxy training run, or your own checkpoints.")
+    tasks: TasksSection = setting(TasksSection(), "Target tasks: lm-eval names and custom JSONL tasks.")
+    evaluate: EvaluateSection = setting(EvaluateSection(), "Checkpoint evaluation with lm-evaluation-harness.")
+    influence: InfluenceSection = setting(InfluenceSection(), "Influence scoring of the corpus (DataInf).")
 
     # Directory that relative paths resolve against; not a YAML key.
     base_dir: Path = field(default=Path("."), repr=False, compare=False, metadata={"internal": True})
@@ -120,6 +220,10 @@ class Config:
             data["corpus"]["paths"] = [_resolve_pattern(self, p) for p in self.corpus.paths]
             if self.tokenizer.path:
                 data["tokenizer"]["path"] = str(self.resolve(self.tokenizer.path).resolve())
+            if self.tasks.data_dir:
+                data["tasks"]["data_dir"] = str(self.resolve(self.tasks.data_dir).resolve())
+            for item in data["proxy"]["checkpoints"] + data["tasks"]["custom"]:
+                item["path"] = str(self.resolve(item["path"]).resolve())
         return data
 
     def dump_yaml(self) -> str:
@@ -299,4 +403,6 @@ def _type_name(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
     return getattr(tp, "__name__", str(tp))

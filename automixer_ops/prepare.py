@@ -16,7 +16,6 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -27,6 +26,9 @@ from automixer_ops.rundir import (RunDir, atomic_write_text, clean_stale_staging
                                   staged_directory, write_marker)
 from automixer_ops.tokenizer import count_tokens, load_tokenizer, train_bpe
 
+# A batch also ends at this many characters: tokenizer output is ~100 bytes per token, so
+# a batch of long documents (books, textbooks) would otherwise set the peak memory.
+BATCH_MAX_CHARS = 2_000_000
 CORPUS_SCHEMA_FIELDS = (("id", "string"), ("source", "string"), ("text", "string"), ("n_tokens", "int64"))
 
 
@@ -90,9 +92,16 @@ def _fingerprint(cfg: Config, inputs: list[InputFile]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _batched(docs: Iterable[Document], n: int) -> Iterator[list[Document]]:
-    it = iter(docs)
-    while batch := list(islice(it, n)):
+def _batched(docs: Iterable[Document], max_docs: int, max_chars: int = BATCH_MAX_CHARS) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
 
 
