@@ -26,8 +26,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,airflow]"
 	touch $@
 
+DEMO := --config configs/demo.yaml
+
 demo: $(STAMP)
-	$(BIN)/automixer prepare --config configs/demo.yaml
+	$(BIN)/automixer prepare $(DEMO)
+	$(BIN)/automixer train-proxy $(DEMO)
+	$(BIN)/automixer evaluate $(DEMO)
+	$(BIN)/automixer select $(DEMO)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ key at fault and exit with status 2; nothing half-written is left behind.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from automixer_ops import __version__
@@ -47,6 +48,24 @@ def cmd_train_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from automixer_ops.evaluate import evaluate
+
+    path = evaluate(_load(args), log=_log)
+    print(f"benchmark table: {path}")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from automixer_ops.selection import format_table1, select
+
+    cfg = _load(args)
+    selection = select(cfg.run_dir)
+    print(format_table1(selection))
+    print(f"\nselection: {cfg.run_dir / 'selection.json'}\nheatmap: {cfg.run_dir / 'eval' / 'benchmark_heatmap.png'}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from automixer_ops.config import reference_markdown
 
@@ -80,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train_proxy)
 
+    p = steps.add_parser("evaluate", help="lm-eval every checkpoint on every target task -> eval/benchmark.parquet",
+                         description="Run lm-evaluation-harness on each checkpoint for each target task, resuming "
+                                     "per checkpoint, and write the influence validation sets.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = steps.add_parser("select", help="pick each task's best checkpoint, the samplers and alpha -> selection.json",
+                         description="Choose the best checkpoint per task (acc_norm, else acc; ties to the "
+                                     "earliest step), group them into samplers with blending factors, print the "
+                                     "Table 1 analogue and plot the benchmark heatmap.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_select)
+
     p = steps.add_parser("config", help="validate a config and print it resolved, or print the reference",
                          description="Validate a run config and print it with every default filled in and "
                                      "paths resolved; --reference prints every setting with its doc.")
@@ -92,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():
+        # Progress bars (tqdm: lm-eval, transformers) are noise in logs; tqdm reads this on import.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         return args.func(args)
     except AutomixerError as e:

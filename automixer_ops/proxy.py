@@ -61,8 +61,9 @@ def build_token_stream(run: RunDir, tokenizer, log: Callable[[str], None]) -> np
 
     path = run.path / "proxy" / "tokens.bin"
     meta = read_marker(path.parent)
+    corpus = read_marker(run.corpus)["fingerprint"]
     dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
-    if meta is None:
+    if meta is None or meta.get("corpus") != corpus:  # none yet, or the corpus was prepared again
         clean_stale_staging(run.path / "proxy")
         with staged_directory(run.path / "proxy") as stage:
             n = 0
@@ -74,7 +75,7 @@ def build_token_stream(run: RunDir, tokenizer, log: Callable[[str], None]) -> np
                         ids = np.fromiter((t for e in enc for t in (*e.ids, tokenizer.eos_token_id)), dtype=dtype)
                         f.write(ids.tobytes())
                         n += len(ids)
-            write_marker(stage, {"n_tokens": n, "dtype": np.dtype(dtype).name})
+            write_marker(stage, {"n_tokens": n, "dtype": np.dtype(dtype).name, "corpus": corpus})
             os.replace(stage / "tokens.bin", path)
             os.replace(stage / "_SUCCESS.json", path.parent / "_SUCCESS.json")
         meta = read_marker(path.parent)
@@ -140,12 +141,12 @@ def list_checkpoints(run: RunDir) -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
-def train_fingerprint(cfg: Config) -> dict:
+def train_fingerprint(cfg: Config, run: RunDir) -> dict:
+    """What the weights depend on: proxy settings, seed and the prepared corpus."""
     p = asdict(cfg.proxy)
-    p.pop("log_every")
-    p.pop("checkpoints")
-    p.pop("device")
-    return {"proxy": p, "seed": cfg.run.seed}
+    for key in ("log_every", "checkpoints", "device"):
+        p.pop(key)
+    return {"proxy": p, "seed": cfg.run.seed, "corpus": read_marker(run.corpus)["fingerprint"]}
 
 
 def train_proxy(cfg: Config, log: Callable[[str], None] = print, stop_after: int | None = None) -> dict[int, Path]:
@@ -160,19 +161,21 @@ def train_proxy(cfg: Config, log: Callable[[str], None] = print, stop_after: int
         return link_checkpoints(cfg, run, log)
 
     import torch
+    import transformers
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()  # per-checkpoint "Writing model shards" bars
     p = cfg.proxy
     ckpt_root = run.path / "checkpoints"
     ckpt_root.mkdir(exist_ok=True)
     clean_stale_staging(ckpt_root)
-    fingerprint = train_fingerprint(cfg)
+    fingerprint = train_fingerprint(cfg, run)
     existing = list_checkpoints(run)
     for step, path in existing.items():
         got = (read_marker(path) or {}).get("train")
         if got is not None and got != fingerprint:
-            raise ConfigError(f"{path} was trained with other proxy settings; use another run.id "
-                              "or delete the run's checkpoints/ to retrain")
+            raise ConfigError(f"{path} was trained with other proxy settings or another prepared corpus; "
+                              "use another run.id, or delete the run's checkpoints/ to retrain")
     if p.max_steps in existing:
         log(f"proxy already trained to step {p.max_steps}; nothing to do")
         return existing

@@ -44,3 +44,33 @@ def small_corpus(tmp_path_factory) -> Path:
             rows = [json.loads(next(f)) for _ in range(12)]
         write_jsonl(out / src.name, rows)
     return out
+
+
+PROXY = {"preset": "tiny", "seq_len": 64, "batch_size": 8, "max_steps": 30, "save_every": 10,
+         "warmup_steps": 3, "log_every": 5, "lr": 0.003}
+
+
+def proxy_config(tmp: Path, small_corpus: Path, run_id: str, **proxy) -> Path:
+    import yaml
+
+    path = write_config(tmp / f"{run_id}.yaml", {"paths": [str(small_corpus / "*.jsonl")], "source_field": "domain"},
+                        run={"id": run_id})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["proxy"] = {**PROXY, **proxy}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained(small_corpus, tmp_path_factory):
+    """A tiny proxy trained 30 steps on the small real corpus: (config path, run dir)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    config = proxy_config(tmp, small_corpus, "a")
+    from automixer_ops.config import load_config
+    from automixer_ops.prepare import prepare
+    from automixer_ops.proxy import train_proxy
+
+    cfg = load_config(config)
+    prepare(cfg, log=lambda _: None)
+    train_proxy(cfg, log=lambda _: None)
+    return config, cfg.run_dir

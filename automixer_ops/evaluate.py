@@ -1,0 +1,163 @@
+"""`automixer evaluate`: lm-evaluation-harness on every checkpoint for every target task.
+
+Per checkpoint the results go to `eval/steps/step-<N>.parquet` (atomic), stamped with a
+fingerprint of the task setup; a rerun evaluates only the checkpoints without a matching
+file, so a killed evaluation resumes at the checkpoint it was on. The per-step files are
+then combined into `eval/benchmark.parquet` (step, task, metric, value, stderr, n_docs).
+
+The same step writes each task's influence validation set, `valsets/<task>.jsonl`: the
+first `influence.val_docs_per_task` documents as lm-eval's own (context, continuation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from automixer_ops.config import Config
+from automixer_ops.errors import AutomixerError
+from automixer_ops.proxy import checkpoint_tokenizer_dir, list_checkpoints, pick_device
+from automixer_ops.rundir import RunDir, atomic_write_text
+from automixer_ops.tasks import load_tasks, validation_pairs, write_task_yamls
+
+COLUMNS = ("step", "task", "metric", "value", "stderr", "n_docs")
+SKIP_KEYS = {"name", "alias", "sample_len", " ", ""}
+
+
+def _quiet_libraries() -> None:
+    """lm-eval, datasets and transformers log per batch; keep the step's output readable.
+
+    Off a terminal (Airflow logs, CI) lm-eval's request bars are turned off too: it passes
+    `disable=False` explicitly, which beats TQDM_DISABLE, so its modules' `tqdm` is wrapped.
+    """
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if not sys.stderr.isatty():
+        import lm_eval.api.model
+        import lm_eval.api.task
+        import lm_eval.models.huggingface
+        from tqdm import tqdm
+
+        def silent(*args, **kwargs):
+            return tqdm(*args, **{**kwargs, "disable": True})
+
+        for module in (lm_eval.api.model, lm_eval.api.task, lm_eval.models.huggingface):
+            module.tqdm = silent
+
+
+def eval_fingerprint(cfg: Config, setup_dir: Path) -> str:
+    import lm_eval
+
+    files = sorted((p.name, p.read_text()) for p in setup_dir.glob("*.yaml"))
+    payload = {"tasks": cfg.tasks.names(), "limit": cfg.evaluate.limit, "yamls": files,
+               "lm_eval": getattr(lm_eval, "__version__", "?"), "data_dir": cfg.to_dict()["tasks"]["data_dir"]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
+    """Evaluate all checkpoints (resuming); returns the path of eval/benchmark.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _quiet_libraries()
+    run = RunDir(cfg.run_dir)
+    checkpoints = list_checkpoints(run)
+    if not checkpoints:
+        raise AutomixerError(f"{run.path}/checkpoints: no checkpoint; run `automixer train-proxy` first")
+    setup = write_task_yamls(cfg, run.path / "eval" / "tasks")
+    fingerprint = eval_fingerprint(cfg, setup.include_path)
+    tasks = load_tasks(setup)
+    write_validation_sets(cfg, run, tasks, log)
+
+    steps_dir = run.path / "eval" / "steps"
+    steps_dir.mkdir(parents=True, exist_ok=True)
+    for step, ckpt in checkpoints.items():
+        out = steps_dir / f"step-{step}.parquet"
+        if out.exists() and pq.read_schema(out).metadata.get(b"fingerprint", b"").decode() == fingerprint:
+            log(f"step {step}: already evaluated")
+            continue
+        rows = evaluate_checkpoint(cfg, ckpt, tasks, step)
+        table = pa.Table.from_pylist(rows, schema=_schema()).replace_schema_metadata({"fingerprint": fingerprint})
+        tmp = out.with_name(f".{out.name}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+        summary = ", ".join(f"{r['task']} {r['value']:.3f}" for r in rows if r["metric"] == _headline(rows, r["task"]))
+        log(f"step {step}: {summary}")
+
+    # Combine the checkpoints the run has now (a stale step file of a removed checkpoint is left out).
+    tables = [pq.read_table(steps_dir / f"step-{s}.parquet") for s in checkpoints]
+    combined = pa.concat_tables(tables).replace_schema_metadata(None).sort_by([("step", "ascending"),
+                                                                                ("task", "ascending"),
+                                                                                ("metric", "ascending")])
+    final = run.path / "eval" / "benchmark.parquet"
+    tmp = final.with_name(".benchmark.parquet.tmp")
+    pq.write_table(combined, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("step", pa.int64()), ("task", pa.string()), ("metric", pa.string()),
+                      ("value", pa.float64()), ("stderr", pa.float64()), ("n_docs", pa.int64())])
+
+
+def _headline(rows: list[dict], task: str) -> str:
+    metrics = {r["metric"] for r in rows if r["task"] == task}
+    return next((m for m in ("acc_norm", "acc", "perplexity") if m in metrics), sorted(metrics)[0])
+
+
+def evaluate_checkpoint(cfg: Config, ckpt: Path, tasks: dict, step: int) -> list[dict]:
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(cfg.evaluate.device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    run = RunDir(cfg.run_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_tokenizer_dir(run, ckpt)))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.evaluate.batch_size, device=device)
+    result = simple_evaluate(model=lm, tasks=list(tasks.values()), limit=cfg.evaluate.limit, num_fewshot=0,
+                             log_samples=False, bootstrap_iters=1000, random_seed=cfg.run.seed,
+                             numpy_random_seed=cfg.run.seed, torch_random_seed=cfg.run.seed,
+                             fewshot_random_seed=cfg.run.seed, verbosity="ERROR")
+    rows = []
+    for task, metrics in sorted(result["results"].items()):
+        n_docs = int(metrics.get("sample_len") or result.get("n-samples", {}).get(task, {}).get("effective", 0))
+        for key, value in metrics.items():
+            name, _, _filter = key.partition(",")
+            if name in SKIP_KEYS or name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{name}_stderr,{_filter}")
+            stderr = float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
+            rows.append({"step": step, "task": task, "metric": name, "value": float(value), "stderr": stderr,
+                         "n_docs": n_docs})
+    return rows
+
+
+def write_validation_sets(cfg: Config, run: RunDir, tasks: dict, log: Callable[[str], None]) -> None:
+    out = run.path / "valsets"
+    n = cfg.influence.val_docs_per_task
+    for name, task in tasks.items():
+        pairs = validation_pairs(task, n)
+        atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    log(f"validation sets: {len(tasks)} task(s) x up to {n} documents in {out}")
+
+
+def read_validation_set(run_dir: Path, task: str) -> list[dict]:
+    path = run_dir / "valsets" / f"{task}.jsonl"
+    if not path.is_file():
+        raise AutomixerError(f"{path}: no validation set for {task!r}; run `automixer evaluate` first")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

@@ -1,0 +1,158 @@
+"""`automixer select`: the checkpoint where each task peaks, and the samplers (DESIGN §2).
+
+Metric per task: acc_norm where the task reports it, else acc; a likelihood-only custom
+task has only perplexity, where lower is better. Best checkpoint = the best value over
+steps, ties to the earliest step. The k <= m distinct best steps become the samplers, each
+with its task set and blending factor α_j = s̃_j / Σ s̃_i, s̃_j = s_j / max_i s_i.
+The progression ratio (best step / last step) per task is the paper's Table 1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from automixer_ops.errors import AutomixerError
+from automixer_ops.rundir import RunDir, atomic_write_text
+
+METRIC_PREFERENCE = ("acc_norm", "acc", "perplexity")
+LOWER_IS_BETTER = {"perplexity"}
+
+
+@dataclass
+class TaskChoice:
+    task: str
+    metric: str
+    best_step: int
+    best_value: float
+    last_step: int
+    last_value: float
+    progression: float  # best_step / last_step
+
+
+@dataclass
+class Sampler:
+    step: int
+    tasks: list[str]
+    alpha: float
+    checkpoint: str = ""
+
+
+@dataclass
+class Selection:
+    tasks: dict[str, TaskChoice]
+    samplers: list[Sampler]
+
+    def to_json(self) -> str:
+        return json.dumps({"metric_preference": list(METRIC_PREFERENCE),
+                           "tasks": {k: asdict(v) for k, v in self.tasks.items()},
+                           "samplers": [asdict(s) for s in self.samplers]}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Selection":
+        data = json.loads(text)
+        return cls({k: TaskChoice(**v) for k, v in data["tasks"].items()}, [Sampler(**s) for s in data["samplers"]])
+
+
+def select_samplers(rows: Iterable[dict]) -> Selection:
+    """rows: dicts with step, task, metric, value (the benchmark table)."""
+    table: dict[str, dict[str, dict[int, float]]] = {}
+    for r in rows:
+        table.setdefault(r["task"], {}).setdefault(r["metric"], {})[int(r["step"])] = float(r["value"])
+    if not table:
+        raise AutomixerError("the benchmark table is empty")
+    choices = {}
+    for task, metrics in sorted(table.items()):
+        metric = next((m for m in METRIC_PREFERENCE if m in metrics), None)
+        if metric is None:
+            raise AutomixerError(f"task {task!r} reports none of {', '.join(METRIC_PREFERENCE)} "
+                                 f"(has {', '.join(sorted(metrics))})")
+        by_step = metrics[metric]
+        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        # max of (value, -step): the best value, and among equals the earliest step
+        best = max(by_step, key=lambda s: (sign * by_step[s], -s))
+        last = max(by_step)
+        choices[task] = TaskChoice(task, metric, best, by_step[best], last, by_step[last],
+                                   best / last if last else 1.0)
+    steps = sorted({c.best_step for c in choices.values()})
+    top = max(steps)
+    scaled = {s: (s / top if top else 1.0) for s in steps}
+    total = sum(scaled.values())
+    samplers = [Sampler(step=s, tasks=sorted(t for t, c in choices.items() if c.best_step == s),
+                        alpha=scaled[s] / total) for s in steps]
+    return Selection(choices, samplers)
+
+
+def select(run_dir: Path) -> Selection:
+    import pyarrow.parquet as pq
+
+    run = RunDir(run_dir)
+    bench = run.path / "eval" / "benchmark.parquet"
+    if not bench.is_file():
+        raise AutomixerError(f"{bench}: not found; run `automixer evaluate` first")
+    rows = pq.read_table(bench).to_pylist()
+    selection = select_samplers(rows)
+    for s in selection.samplers:
+        s.checkpoint = str(run.path / "checkpoints" / f"step-{s.step}")
+    atomic_write_text(run.path / "selection.json", selection.to_json())
+    plot_heatmap(rows, selection, run.path / "eval" / "benchmark_heatmap.png")
+    return selection
+
+
+def plot_heatmap(rows: list[dict], selection: Selection, out: Path) -> None:
+    """Tasks × checkpoint steps, colored per task (min..max of its row), best step boxed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = sorted(selection.tasks)
+    steps = sorted({int(r["step"]) for r in rows})
+    values = np.full((len(tasks), len(steps)), np.nan)
+    for r in rows:
+        if r["task"] in selection.tasks and r["metric"] == selection.tasks[r["task"]].metric:
+            values[tasks.index(r["task"]), steps.index(int(r["step"]))] = r["value"]
+    shade = np.zeros_like(values)
+    for i, t in enumerate(tasks):
+        row = values[i]
+        lo, hi = np.nanmin(row), np.nanmax(row)
+        shade[i] = (row - lo) / (hi - lo) if hi > lo else 0.5
+        if selection.tasks[t].metric in LOWER_IS_BETTER:
+            shade[i] = 1 - shade[i]
+    fig, ax = plt.subplots(figsize=(3.5 + 0.8 * len(steps), 1.2 + 0.5 * len(tasks)))
+    ax.imshow(shade, cmap="viridis", aspect="auto", vmin=0, vmax=1)
+    for i, t in enumerate(tasks):
+        for j, s in enumerate(steps):
+            if not np.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=8,
+                        color="black" if shade[i, j] > 0.5 else "white")
+        j = steps.index(selection.tasks[t].best_step)
+        ax.add_patch(plt.Rectangle((j - 0.45, i - 0.42), 0.9, 0.84, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps])
+    ax.set_yticks(range(len(tasks)), [f"{t} ({selection.tasks[t].metric})" for t in tasks])
+    ax.set_xlabel("checkpoint step")
+    ax.set_title("metric by checkpoint (color: scaled per task; red box: best step)", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+def format_table1(selection: Selection) -> str:
+    """The paper's Table 1 analogue, plus the samplers."""
+    w = max(len("task"), *(len(t) for t in selection.tasks))
+    lines = [f"{'task':<{w}}  {'metric':<10}  {'best step':>9}  {'value':>8}  {'last step':>9}  {'value':>8}  "
+             f"{'best/last':>9}"]
+    for t, c in selection.tasks.items():
+        lines.append(f"{t:<{w}}  {c.metric:<10}  {c.best_step:>9}  {c.best_value:>8.4f}  {c.last_step:>9}  "
+                     f"{c.last_value:>8.4f}  {c.progression:>9.2f}")
+    lines.append("")
+    lines.append(f"{len(selection.samplers)} sampler(s) for {len(selection.tasks)} task(s):")
+    for s in selection.samplers:
+        lines.append(f"  step {s.step:>6}  alpha {s.alpha:.4f}  tasks: {', '.join(s.tasks)}")
+    return "\n".join(lines)

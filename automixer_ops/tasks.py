@@ -1,0 +1,166 @@
+"""Target tasks for lm-evaluation-harness: lm-eval names, local copies, custom JSONL.
+
+* With `tasks.data_dir`, each lm-eval target is served from `<data_dir>/<task>/<split>.jsonl`
+  through a generated YAML that `include:`s lm-eval's own bundled task YAML and swaps only
+  the data source, so prompts, targets and metrics are exactly lm-eval's.
+* Without it, targets resolve the usual way (lm-eval's task index, data from the hub).
+* A custom task is a JSONL file: {context, choices, gold} (multiple choice, accuracy) or
+  {context, continuation} (likelihood only, perplexity).
+
+`validation_pairs` turns a task's documents into the (context, gold continuation) pairs
+lm-eval itself would score, for the influence step's validation loss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from automixer_ops.config import Config, CustomTask
+from automixer_ops.errors import ConfigError
+
+# Bundled YAML of each of the paper's tasks, relative to lm_eval/tasks (found by a scan otherwise).
+BUNDLED = {
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "boolq": "super_glue/boolq/default.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "social_iqa": "siqa/siqa.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml",
+    "winogrande": "winogrande/default.yaml",
+}
+SPLITS = ("test", "validation")  # lm-eval evaluates test when a task has one, else validation
+
+
+@dataclass(frozen=True)
+class TaskSetup:
+    include_path: Path  # generated YAMLs (local copies, custom tasks)
+    names: list[str]
+    include_defaults: bool  # True when some targets load the usual way
+
+    def task_manager(self):
+        from lm_eval.tasks import TaskManager
+
+        return TaskManager(include_path=str(self.include_path), include_defaults=self.include_defaults)
+
+
+def lm_eval_tasks_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def bundled_yaml(task: str) -> Path:
+    root = lm_eval_tasks_dir()
+    if task in BUNDLED:
+        return root / BUNDLED[task]
+    # Any other lm-eval task: find the YAML that defines it (a text scan: no task index).
+    for path in sorted(root.rglob("*.yaml")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if f"task: {task}\n" in text:
+            return path
+    raise ConfigError(f"tasks.targets: {task!r} is not an lm-evaluation-harness task name")
+
+
+def write_task_yamls(cfg: Config, out: Path) -> TaskSetup:
+    """Generate the YAMLs for local copies and custom tasks into `out` (replacing it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.yaml"):
+        old.unlink()
+    data_dir = cfg.resolve(cfg.tasks.data_dir).resolve() if cfg.tasks.data_dir else None
+    for task in cfg.tasks.targets:
+        if data_dir is None:
+            continue
+        local = [data_dir / task / f"{split}.jsonl" for split in SPLITS]
+        found = [p for p in local if p.is_file()]
+        if not found:
+            raise ConfigError(f"tasks.data_dir: no local copy of {task!r} (expected {local[0]} or {local[1]}); "
+                              "add it, or drop tasks.data_dir to load tasks the usual way")
+        split = found[0].stem
+        spec = {"include": str(bundled_yaml(task)), "task": task, "dataset_path": "json", "dataset_name": None,
+                "dataset_kwargs": {"data_files": {split: str(found[0])}},
+                "training_split": None, "validation_split": split if split == "validation" else None,
+                "test_split": split if split == "test" else None, "fewshot_split": None}
+        (out / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    for task in cfg.tasks.custom:
+        (out / f"{task.name}.yaml").write_text(yaml.safe_dump(custom_task_yaml(cfg, task), sort_keys=False))
+    return TaskSetup(out, cfg.tasks.names(), include_defaults=data_dir is None and bool(cfg.tasks.targets))
+
+
+def custom_task_yaml(cfg: Config, task: CustomTask) -> dict:
+    path = cfg.resolve(task.path).resolve()
+    kind = check_custom_jsonl(path, f"tasks.custom ({task.name})")
+    spec = {"task": task.name, "dataset_path": "json", "dataset_name": None,
+            "dataset_kwargs": {"data_files": {"test": str(path)}}, "test_split": "test",
+            "doc_to_text": "{{context}}"}
+    if kind == "multiple_choice":
+        return {**spec, "output_type": "multiple_choice", "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                for m in ("acc", "acc_norm")]}
+    return {**spec, "output_type": "loglikelihood", "doc_to_target": "{{continuation}}",
+            "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}]}
+
+
+def check_custom_jsonl(path: Path, where: str) -> str:
+    """Validate a custom task file; returns 'multiple_choice' or 'loglikelihood'."""
+    if not path.is_file():
+        raise ConfigError(f"{where}: {path} not found")
+    kind = None
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            loc = f"{path}:{lineno}"
+            try:
+                doc = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConfigError(f"{loc}: not valid UTF-8 JSON: {e}") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("context"), str):
+                raise ConfigError(f"{loc}: each line needs a string field 'context'")
+            this = "multiple_choice" if "choices" in doc else "loglikelihood" if "continuation" in doc else None
+            if this is None:
+                raise ConfigError(f"{loc}: needs 'choices' and 'gold' (multiple choice) or 'continuation'")
+            if kind is not None and this != kind:
+                raise ConfigError(f"{loc}: mixes multiple-choice and likelihood-only lines")
+            kind = this
+            if this == "multiple_choice":
+                ch, gold = doc["choices"], doc.get("gold")
+                if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) for c in ch):
+                    raise ConfigError(f"{loc}: 'choices' must be a list of at least 2 strings")
+                if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(ch):
+                    raise ConfigError(f"{loc}: 'gold' must be the index of the right choice (0..{len(ch) - 1})")
+            elif not isinstance(doc["continuation"], str) or not doc["continuation"]:
+                raise ConfigError(f"{loc}: 'continuation' must be a non-empty string")
+    if kind is None:
+        raise ConfigError(f"{where}: {path} is empty")
+    return kind
+
+
+def load_tasks(setup: TaskSetup) -> dict:
+    """lm-eval Task objects by name (datasets loaded from the configured sources)."""
+    try:
+        return dict(setup.task_manager().load(setup.names)["tasks"])
+    except Exception as e:  # lm-eval raises KeyError/ValueError/... for unknown or broken tasks
+        raise ConfigError(f"tasks: lm-eval could not load {setup.names}: {e}") from None
+
+
+def validation_pairs(task, n: int) -> list[dict]:
+    """The first `n` evaluation documents as lm-eval's own (context, gold continuation) pairs."""
+    pairs = []
+    for i, doc in enumerate(task.eval_docs):
+        if i >= n:
+            break
+        ctx = task.fewshot_context(doc, 0)
+        requests = task.construct_requests(doc=doc, ctx=ctx, metadata=(task.config.task, i, 1))
+        requests = requests if isinstance(requests, list) else [requests]
+        if task.OUTPUT_TYPE == "multiple_choice":
+            choices = task.doc_to_choice(doc)
+            gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+            gold = choices.index(gold) if isinstance(gold, str) else gold
+            context, continuation = requests[gold].arguments
+        else:
+            context, continuation = requests[0].arguments
+        pairs.append({"task": task.config.task, "doc": i, "context": context, "continuation": continuation})
+    return pairs

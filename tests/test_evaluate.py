@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from conftest import ROOT, proxy_config, write_jsonl
+
+from automixer_ops.cli import main
+from automixer_ops.config import load_config
+from automixer_ops.errors import ConfigError
+from automixer_ops.evaluate import evaluate, read_validation_set
+from automixer_ops.prepare import prepare
+from automixer_ops.proxy import train_proxy
+from automixer_ops.tasks import write_task_yamls
+
+MC_DOCS = [
+    {"context": "Question: Which animal says moo?\nAnswer:", "choices": ["a cow", "a cat", "a fish"], "gold": 0},
+    {"context": "Question: What is frozen water called?\nAnswer:", "choices": ["steam", "ice"], "gold": 1},
+    {"context": "The capital of France is", "choices": ["Paris", "a river", "blue"], "gold": 0},
+    {"context": "Question: How many legs does a spider have?\nAnswer:", "choices": ["two", "eight"], "gold": 1},
+    {"context": "The sun rises in the", "choices": ["east", "west", "north", "south"], "gold": 0},
+    {"context": "Question: What do bees make?\nAnswer:", "choices": ["honey", "milk", "glass"], "gold": 0},
+]
+LL_DOCS = [{"context": "Question: Natalia sold clips to 48 of her friends.", "continuation": " The answer is: 72"},
+           {"context": "The President said that", "continuation": " the nation is strong."}]
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, small_corpus, tmp_path_factory):
+    """Two linked checkpoints (steps 1000, 3000) x arc_easy, piqa and two custom tasks."""
+    tmp = tmp_path_factory.mktemp("evaluated")
+    _, trained_dir = trained
+    write_jsonl(tmp / "mc.jsonl", MC_DOCS)
+    write_jsonl(tmp / "ll.jsonl", LL_DOCS)
+    refs = [{"step": 1000, "path": str(trained_dir / "checkpoints" / "step-10")},
+            {"step": 3000, "path": str(trained_dir / "checkpoints" / "step-30")}]
+    config = proxy_config(tmp, small_corpus, "ev", checkpoints=refs)
+    raw = yaml.safe_load(config.read_text())
+    raw["tokenizer"]["path"] = str(trained_dir / "tokenizer")
+    raw["tasks"] = {"targets": ["arc_easy", "piqa"], "data_dir": str(ROOT / "data" / "benchmarks"),
+                    "custom": [{"name": "my_mc", "path": "mc.jsonl"}, {"name": "my_ll", "path": "ll.jsonl"}]}
+    raw["evaluate"] = {"limit": 20, "batch_size": 8}
+    raw["influence"] = {"val_docs_per_task": 5}
+    config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config)
+    prepare(cfg, log=lambda _: None)
+    train_proxy(cfg, log=lambda _: None)
+    evaluate(cfg, log=lambda _: None)
+    return config, cfg
+
+
+def test_benchmark_table_has_real_lm_eval_metrics(evaluated):
+    _, cfg = evaluated
+    rows = pq.read_table(cfg.run_dir / "eval" / "benchmark.parquet").to_pylist()
+    got = {(r["step"], r["task"], r["metric"]) for r in rows}
+    expected = {(s, t, m) for s in (1000, 3000) for t in ("arc_easy", "piqa", "my_mc") for m in ("acc", "acc_norm")}
+    assert got == expected | {(s, "my_ll", "perplexity") for s in (1000, 3000)}
+    for r in rows:
+        if r["metric"] == "perplexity":
+            assert r["value"] > 1 and r["n_docs"] == 2
+        else:
+            assert 0 <= r["value"] <= 1 and r["stderr"] > 0
+            assert r["n_docs"] == {"my_mc": 6}.get(r["task"], 20)
+    # Accuracies move between checkpoints: the table is measured, not constant.
+    by = {(r["step"], r["task"], r["metric"]): r["value"] for r in rows}
+    assert any(by[(1000, t, "acc")] != by[(3000, t, "acc")] for t in ("arc_easy", "piqa", "my_mc"))
+
+
+def test_custom_multiple_choice_accuracy_matches_a_direct_computation(evaluated):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, cfg = evaluated
+    ckpt = cfg.run_dir / "checkpoints" / "step-3000"
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    correct = 0
+    for doc in MC_DOCS:
+        scores = []
+        for choice in doc["choices"]:
+            ctx_ids = tok(doc["context"])["input_ids"]
+            whole = tok(doc["context"] + " " + choice)["input_ids"]
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([whole])).logits[0].log_softmax(-1)
+            scores.append(sum(logp[i - 1, whole[i]].item() for i in range(len(ctx_ids), len(whole))))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == doc["gold"])
+    rows = pq.read_table(cfg.run_dir / "eval" / "benchmark.parquet").to_pylist()
+    acc = next(r["value"] for r in rows if (r["step"], r["task"], r["metric"]) == (3000, "my_mc", "acc"))
+    assert acc == pytest.approx(correct / len(MC_DOCS))
+
+
+def test_rerun_resumes_per_checkpoint(evaluated, capsys):
+    config, cfg = evaluated
+    steps = cfg.run_dir / "eval" / "steps"
+    before = {p.name: p.stat().st_mtime_ns for p in steps.glob("*.parquet")}
+    (steps / "step-3000.parquet").unlink()  # as if killed while evaluating step 3000
+    assert main(["evaluate", "-c", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "step 1000: already evaluated" in err and "step 3000: already evaluated" not in err
+    assert (steps / "step-1000.parquet").stat().st_mtime_ns == before["step-1000.parquet"]
+    assert (steps / "step-3000.parquet").is_file()
+
+
+def test_validation_sets_use_lm_eval_formatting(evaluated):
+    _, cfg = evaluated
+    arc = read_validation_set(cfg.run_dir, "arc_easy")
+    assert len(arc) == 5
+    first = json.loads((ROOT / "data" / "benchmarks" / "arc_easy" / "validation.jsonl").read_text().splitlines()[0])
+    gold = first["choices"]["text"][first["choices"]["label"].index(first["answerKey"])]
+    assert arc[0]["context"] == f"Question: {first['question']}\nAnswer:"
+    assert arc[0]["continuation"] == " " + gold
+    mc = read_validation_set(cfg.run_dir, "my_mc")
+    assert [(p["context"], p["continuation"]) for p in mc] == \
+        [(d["context"], " " + d["choices"][d["gold"]]) for d in MC_DOCS[:5]]
+    assert read_validation_set(cfg.run_dir, "my_ll")[0]["continuation"] == LL_DOCS[0]["continuation"]
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (['{"context": "a", "choices": ["x"], "gold": 0}'], "'choices' must be a list of at least 2 strings"),
+    (['{"context": "a", "choices": ["x", "y"], "gold": 2}'], "'gold' must be the index of the right choice (0..1)"),
+    (['{"context": "a"}'], "needs 'choices' and 'gold' (multiple choice) or 'continuation'"),
+    (['{"context": "a", "continuation": "b"}', '{"context": "a", "choices": ["x", "y"], "gold": 0}'],
+     "mixes multiple-choice and likelihood-only lines"),
+    (['not json'], "not valid UTF-8 JSON"),
+])
+def test_bad_custom_task_files_name_the_line(tmp_path, lines, expected):
+    write_jsonl(tmp_path / "t.jsonl", lines)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"corpus": {"paths": ["x.jsonl"]}, "tasks": {
+        "targets": [], "custom": [{"name": "t", "path": "t.jsonl"}]}}))
+    with pytest.raises(ConfigError, match=f"{tmp_path / 't.jsonl'}:{len(lines)}: "):
+        write_task_yamls(load_config(tmp_path / "c.yaml"), tmp_path / "out")
+    with pytest.raises(ConfigError) as err:
+        write_task_yamls(load_config(tmp_path / "c.yaml"), tmp_path / "out")
+    assert expected in str(err.value)
+
+
+def test_missing_local_copy_and_unknown_task_are_named(tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"corpus": {"paths": ["x.jsonl"]},
+                                                      "tasks": {"targets": ["arc_easy"], "data_dir": "nowhere"}}))
+    with pytest.raises(ConfigError, match=r"tasks.data_dir: no local copy of 'arc_easy' \(expected .*nowhere/arc_easy"):
+        write_task_yamls(load_config(tmp_path / "c.yaml"), tmp_path / "out")
+    (tmp_path / "data" / "no_such_task").mkdir(parents=True)
+    (tmp_path / "data" / "no_such_task" / "validation.jsonl").write_text("{}\n")
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"corpus": {"paths": ["x.jsonl"]},
+                                                      "tasks": {"targets": ["no_such_task"], "data_dir": "data"}}))
+    with pytest.raises(ConfigError, match="'no_such_task' is not an lm-evaluation-harness task name"):
+        write_task_yamls(load_config(tmp_path / "d.yaml"), tmp_path / "out")
