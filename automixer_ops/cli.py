@@ -78,6 +78,23 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# The pipeline steps in run order: (subcommand, handler, one-line help, description).
+STEPS = [
+    ("prepare", cmd_prepare, "validate and tokenize the corpus into corpus/part-*.parquet",
+     "Read the corpus (JSONL, Parquet or a datasets directory), train or load the tokenizer, and write "
+     "tokenized shards into the run directory."),
+    ("train-proxy", cmd_train_proxy, "train the proxy model, saving checkpoints/step-<N> (or link yours)",
+     "Train the Llama proxy on the prepared corpus and save a checkpoint every proxy.save_every steps; resumes "
+     "from the latest complete checkpoint. With proxy.checkpoints, links your existing checkpoints instead."),
+    ("evaluate", cmd_evaluate, "lm-eval every checkpoint on every target task -> eval/benchmark.parquet",
+     "Run lm-evaluation-harness on each checkpoint for each target task, resuming per checkpoint, and write "
+     "the influence validation sets."),
+    ("select", cmd_select, "pick each task's best checkpoint, the samplers and alpha -> selection.json",
+     "Choose the best checkpoint per task (acc_norm, else acc; ties to the earliest step), group them into "
+     "samplers with blending factors, print the Table 1 analogue and plot the benchmark heatmap."),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="automixer",
@@ -85,32 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"automixer {__version__}")
     steps = parser.add_subparsers(dest="step", metavar="<step>", required=True)
 
-    p = steps.add_parser("prepare", help="validate and tokenize the corpus into corpus/part-*.parquet",
-                         description="Read the corpus (JSONL, Parquet or a datasets directory), train or load "
-                                     "the tokenizer, and write tokenized shards into the run directory.")
-    _add_config_args(p)
-    p.add_argument("--force", action="store_true", help="rebuild even if the run already has a prepared corpus")
-    p.set_defaults(func=cmd_prepare)
-
-    p = steps.add_parser("train-proxy", help="train the proxy model, saving checkpoints/step-<N> (or link yours)",
-                         description="Train the Llama proxy on the prepared corpus and save a checkpoint every "
-                                     "proxy.save_every steps; resumes from the latest complete checkpoint. With "
-                                     "proxy.checkpoints, links your existing checkpoints instead.")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_train_proxy)
-
-    p = steps.add_parser("evaluate", help="lm-eval every checkpoint on every target task -> eval/benchmark.parquet",
-                         description="Run lm-evaluation-harness on each checkpoint for each target task, resuming "
-                                     "per checkpoint, and write the influence validation sets.")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_evaluate)
-
-    p = steps.add_parser("select", help="pick each task's best checkpoint, the samplers and alpha -> selection.json",
-                         description="Choose the best checkpoint per task (acc_norm, else acc; ties to the "
-                                     "earliest step), group them into samplers with blending factors, print the "
-                                     "Table 1 analogue and plot the benchmark heatmap.")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_select)
+    for name, func, short, long in STEPS:
+        p = steps.add_parser(name, help=short, description=long)
+        _add_config_args(p)
+        if name == "prepare":
+            p.add_argument("--force", action="store_true",
+                           help="rebuild even if the run already has a prepared corpus")
+        p.set_defaults(func=func)
 
     p = steps.add_parser("config", help="validate a config and print it resolved, or print the reference",
                          description="Validate a run config and print it with every default filled in and "

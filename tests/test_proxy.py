@@ -118,3 +118,14 @@ def test_preset_sizes_match_their_names(preset, low, high):
         model = LlamaForCausalLM(model_config(preset, vocab_size=32000, max_positions=2048))
     assert low <= sum(p.numel() for p in model.parameters()) <= high
     assert set(PRESETS) == {"tiny", "25m", "50m", "75m", "350m", "1.5b"}
+
+
+def test_gradient_accumulation_matches_the_full_batch(trained, small_corpus, tmp_path):
+    """2 micro-batches of 4 see the same 8 sequences as one batch of 8: same update."""
+    _, reference = trained
+    cfg = load_config(proxy_config(tmp_path, small_corpus, "acc", batch_size=4, grad_accum=2, max_steps=30))
+    prepare(cfg, log=lambda _: None)
+    train_proxy(cfg, log=lambda _: None)
+    a, b = weights(reference / "checkpoints" / "step-30"), weights(cfg.run_dir / "checkpoints" / "step-30")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
