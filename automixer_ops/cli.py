@@ -25,6 +25,15 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _record_config(args: argparse.Namespace) -> None:
+    """Keep <run>/config.yaml the resolved configuration the run's latest step used."""
+    from automixer_ops.rundir import atomic_write_text
+
+    cfg = _load(args)
+    if cfg.run_dir.is_dir():
+        atomic_write_text(cfg.run_dir / "config.yaml", cfg.dump_yaml())
+
+
 def _load(args: argparse.Namespace):
     from automixer_ops.config import load_config
 
@@ -126,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         # Progress bars (tqdm: lm-eval, transformers) are noise in logs; tqdm reads this on import.
         os.environ.setdefault("TQDM_DISABLE", "1")
     try:
-        return args.func(args)
+        rc = args.func(args)
+        if rc == 0 and args.step != "config":
+            _record_config(args)
+        return rc
     except AutomixerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

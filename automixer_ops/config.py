@@ -45,6 +45,8 @@ class RunSection:
     seed: int = setting(0, "Seed for every random choice of the run (sampling, training, mixing).")
 
     def check(self, where: str) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.id):
             raise ConfigError(f"{where}.id: {self.id!r} is not a valid run id "
                               "(letters, digits, '.', '_' and '-', not starting with a symbol)")
@@ -54,7 +56,8 @@ class RunSection:
 class CorpusSection:
     paths: list[str] = required(
         "Corpus inputs: files, directories or glob patterns. JSONL (.jsonl, .json, optionally .gz), "
-        "Parquet (.parquet) or a local Hugging Face `datasets` directory (save_to_disk output).")
+        "Parquet (.parquet) or a local Hugging Face `datasets` directory (save_to_disk output). Inside a "
+        "directory, only .jsonl, .jsonl.gz, .ndjson and .parquet files and `datasets` directories are read.")
     format: Literal["auto", "jsonl", "parquet", "hf_dataset"] = setting(
         "auto", "Input format; 'auto' decides per path from its extension or directory contents.")
     id_field: str = setting("id", "Field holding the document id (string or integer; unique, non-empty).")
@@ -141,7 +144,8 @@ class ProxySection:
 class CustomTask:
     name: str = required("Task name, used in tables and plots (letters, digits, '_', '-').")
     path: str = required("JSONL file: fields context, choices, gold (multiple choice, scored by accuracy) "
-                         "or context, continuation (likelihood only, scored by perplexity).")
+                         "or context, continuation (likelihood only, scored by perplexity; the continuation is appended to the "
+                         "context as is, so give it its leading space).")
 
 
 @dataclass(kw_only=True)
@@ -290,7 +294,9 @@ def _apply_override(raw: dict, item: str) -> None:
     parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty `section:` in the YAML
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: {part!r} is not a section")
     try:
@@ -349,6 +355,11 @@ def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key}: expected an integer, got {_show(value)}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key}: expected a number, got {_show(value)}")
         return float(value)

@@ -66,6 +66,23 @@ def _format_of(path: Path, wanted: str) -> str | None:
     return None
 
 
+# Inside a directory only files with a data suffix count (not .json: that is where metadata
+# such as dataset_info.json lives), and a nested `datasets` directory is one input.
+DIR_SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz", ".ndjson"), "parquet": PARQUET_SUFFIXES}
+
+
+def _data_files(directory: Path, wanted: str) -> list[InputFile]:
+    found = []
+    for child in sorted(directory.iterdir()):
+        if child.is_dir():
+            found += [InputFile(child, "hf_dataset")] if _is_hf_dataset_dir(child) else _data_files(child, wanted)
+            continue
+        for fmt, suffixes in DIR_SUFFIXES.items():
+            if wanted in ("auto", fmt) and child.name.endswith(suffixes):
+                found.append(InputFile(child, fmt))
+    return found
+
+
 def resolve_inputs(cfg: Config) -> list[InputFile]:
     """Expand the configured paths, directories and globs into an ordered list of inputs."""
     section = cfg.corpus
@@ -77,11 +94,11 @@ def resolve_inputs(cfg: Config) -> list[InputFile]:
             raise CorpusError(f"corpus.paths: {pattern!r} matches no file ({full})")
         for path in matches:
             if path.is_dir() and not _is_hf_dataset_dir(path):
-                children = [c for c in sorted(path.rglob("*")) if c.is_file() and _format_of(c, section.format)]
+                children = _data_files(path, section.format)
                 if not children:
                     raise CorpusError(f"corpus.paths: directory {path} holds no JSONL or Parquet file "
                                       "and is not a `datasets` save_to_disk directory")
-                inputs += [InputFile(c, _format_of(c, section.format)) for c in children]  # type: ignore[arg-type]
+                inputs += children
                 continue
             fmt = _format_of(path, section.format)
             if fmt is None:
@@ -106,7 +123,14 @@ def read_documents(inputs: list[InputFile], section: CorpusSection,
     for index, inp in enumerate(inputs):
         reader = {"jsonl": _jsonl_records, "parquet": _parquet_records, "hf_dataset": _hf_records}[inp.format]
         before = stats.records
-        for line, record in reader(inp, section):
+        records = reader(inp, section)
+        while True:
+            try:
+                line, record = next(records)
+            except StopIteration:
+                break
+            except (OSError, EOFError, ValueError) as e:  # truncated .gz, corrupt Parquet page, ...
+                raise CorpusError(f"{inp.path}: cannot read past record {stats.records - before}: {e}") from None
             stats.records += 1
             doc = _validate(record, inp, index, line, section)
             if doc is None:

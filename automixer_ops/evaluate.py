@@ -22,7 +22,7 @@ from typing import Callable
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError
 from automixer_ops.proxy import checkpoint_tokenizer_dir, list_checkpoints, pick_device
-from automixer_ops.rundir import RunDir, atomic_write_text
+from automixer_ops.rundir import RunDir, atomic_write_text, fsync_file
 from automixer_ops.tasks import load_tasks, validation_pairs, write_task_yamls
 
 COLUMNS = ("step", "task", "metric", "value", "stderr", "n_docs")
@@ -82,13 +82,15 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
     steps_dir.mkdir(parents=True, exist_ok=True)
     for step, ckpt in checkpoints.items():
         out = steps_dir / f"step-{step}.parquet"
-        if out.exists() and pq.read_schema(out).metadata.get(b"fingerprint", b"").decode() == fingerprint:
+        stamp = f"{fingerprint}-{checkpoint_identity(ckpt)}"
+        if out.exists() and pq.read_schema(out).metadata.get(b"fingerprint", b"").decode() == stamp:
             log(f"step {step}: already evaluated")
             continue
         rows = evaluate_checkpoint(cfg, ckpt, tasks, step)
-        table = pa.Table.from_pylist(rows, schema=_schema()).replace_schema_metadata({"fingerprint": fingerprint})
+        table = pa.Table.from_pylist(rows, schema=_schema()).replace_schema_metadata({"fingerprint": stamp})
         tmp = out.with_name(f".{out.name}.tmp")
         pq.write_table(table, tmp)
+        fsync_file(tmp)
         os.replace(tmp, out)
         summary = ", ".join(f"{r['task']} {r['value']:.3f}" for r in rows if r["metric"] == _headline(rows, r["task"]))
         log(f"step {step}: {summary}")
@@ -101,8 +103,17 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
     final = run.path / "eval" / "benchmark.parquet"
     tmp = final.with_name(".benchmark.parquet.tmp")
     pq.write_table(combined, tmp)
+    fsync_file(tmp)
     os.replace(tmp, final)
     return final
+
+
+def checkpoint_identity(ckpt: Path) -> str:
+    """Which weights a result belongs to: the resolved directory and its files' sizes and times."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in ckpt.resolve().iterdir()
+                   if p.is_file() and p.name != "trainer_state.pt")
+    payload = json.dumps([str(ckpt.resolve()), files])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _schema():
@@ -137,10 +148,12 @@ def evaluate_checkpoint(cfg: Config, ckpt: Path, tasks: dict, step: int) -> list
     for task, metrics in sorted(result["results"].items()):
         n_docs = int(metrics.get("sample_len") or result.get("n-samples", {}).get(task, {}).get("effective", 0))
         for key, value in metrics.items():
-            name, _, _filter = key.partition(",")
+            name, _, filter_name = key.partition(",")
             if name in SKIP_KEYS or name.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
-            stderr = metrics.get(f"{name}_stderr,{_filter}")
+            stderr = metrics.get(f"{name}_stderr,{filter_name}")
+            if filter_name not in ("", "none"):  # tasks with several filters report a metric per filter
+                name = f"{name},{filter_name}"
             stderr = float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
             rows.append({"step": step, "task": task, "metric": name, "value": float(value), "stderr": stderr,
                          "n_docs": n_docs})

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 from automixer_ops.config import Config
 from automixer_ops.corpus import Document, InputFile, ReadStats, read_documents, resolve_inputs
 from automixer_ops.errors import ConfigError, CorpusError
-from automixer_ops.rundir import (RunDir, atomic_write_text, clean_stale_staging, publish, read_marker,
+from automixer_ops.rundir import (SUCCESS, RunDir, atomic_write_text, clean_stale_staging, publish, read_marker,
                                   staged_directory, write_marker)
 from automixer_ops.tokenizer import count_tokens, load_tokenizer, train_bpe
 
@@ -71,7 +71,9 @@ def prepare(cfg: Config, force: bool = False, log: Callable[[str], None] = print
         summary.run_dir, summary.tokenizer, summary.fingerprint = str(run.path.resolve()), origin, fingerprint
         write_marker(stage / "corpus", summary.__dict__ | {"reused": False})
         atomic_write_text(stage / "config.yaml", cfg.dump_yaml())
-        # The corpus marker decides "prepared", so the corpus is moved in last.
+        # The corpus marker decides "prepared": drop the old one first and move the corpus in
+        # last, so a crash in between leaves "not prepared", never a new tokenizer + old corpus.
+        (run.corpus / SUCCESS).unlink(missing_ok=True)
         publish(stage / "tokenizer", run.tokenizer)
         publish(stage / "config.yaml", run.config)
         publish(stage / "corpus", run.corpus)

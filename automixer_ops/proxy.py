@@ -75,6 +75,8 @@ def build_token_stream(run: RunDir, tokenizer, log: Callable[[str], None]) -> np
                         ids = np.fromiter((t for e in enc for t in (*e.ids, tokenizer.eos_token_id)), dtype=dtype)
                         f.write(ids.tobytes())
                         n += len(ids)
+                f.flush()
+                os.fsync(f.fileno())
             write_marker(stage, {"n_tokens": n, "dtype": np.dtype(dtype).name, "corpus": corpus})
             os.replace(stage / "tokens.bin", path)
             os.replace(stage / "_SUCCESS.json", path.parent / "_SUCCESS.json")
@@ -280,7 +282,13 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line torn by a crash
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
@@ -303,9 +311,13 @@ def link_checkpoints(cfg: Config, run: RunDir, log: Callable[[str], None]) -> di
     """Bring-your-own: validate the user's checkpoint dirs and link them as checkpoints/step-<N>."""
     from transformers import AutoTokenizer
 
-    n_tok = len(AutoTokenizer.from_pretrained(str(run.tokenizer)))
+    run_vocab = AutoTokenizer.from_pretrained(str(run.tokenizer)).get_vocab()
     root = run.path / "checkpoints"
     root.mkdir(exist_ok=True)
+    listed = {f"step-{c.step}" for c in cfg.proxy.checkpoints}
+    for old in root.glob("step-*"):
+        if old.is_symlink() and old.name not in listed:  # dropped from the config since the last run
+            old.unlink()
     for ref in sorted(cfg.proxy.checkpoints, key=lambda c: c.step):
         src = cfg.resolve(ref.path).resolve()
         where = f"proxy.checkpoints (step {ref.step}): {src}"
@@ -314,9 +326,13 @@ def link_checkpoints(cfg: Config, run: RunDir, log: Callable[[str], None]) -> di
         if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
             raise ConfigError(f"{where}: holds no model weights (*.safetensors or *.bin)")
         vocab = json.loads((src / "config.json").read_text()).get("vocab_size")
-        if vocab is not None and vocab < n_tok:
-            raise ConfigError(f"{where}: model vocabulary ({vocab}) is smaller than the run's tokenizer ({n_tok}); "
-                              "set tokenizer.path to the checkpoints' own tokenizer")
+        if vocab is not None and vocab < len(run_vocab):
+            raise ConfigError(f"{where}: model vocabulary ({vocab}) is smaller than the run's tokenizer "
+                              f"({len(run_vocab)}); set tokenizer.path to the checkpoints' own tokenizer")
+        if (src / "tokenizer_config.json").is_file() and \
+                AutoTokenizer.from_pretrained(str(src)).get_vocab() != run_vocab:
+            raise ConfigError(f"{where}: its tokenizer differs from the run's; set tokenizer.path to the "
+                              "checkpoints' own tokenizer so the corpus is tokenized as the model was trained")
         link = root / f"step-{ref.step}"
         if link.is_symlink() or link.exists():
             if link.resolve() == src:

@@ -57,6 +57,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a finished file to disk before it is renamed into place (and a marker names it)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def write_marker(directory: Path, info: dict) -> None:
     atomic_write_text(directory / SUCCESS, json.dumps(info, indent=2, sort_keys=True) + "\n")
 

@@ -148,19 +148,27 @@ def load_tasks(setup: TaskSetup) -> dict:
 
 def validation_pairs(task, n: int) -> list[dict]:
     """The first `n` evaluation documents as lm-eval's own (context, gold continuation) pairs."""
+    name = task.config.task
+    if task.OUTPUT_TYPE not in ("multiple_choice", "loglikelihood"):
+        raise ConfigError(f"tasks: {name!r} is a {task.OUTPUT_TYPE} task; influence needs a gold continuation "
+                          "to score, so targets must be multiple_choice or loglikelihood tasks")
     pairs = []
     for i, doc in enumerate(task.eval_docs):
         if i >= n:
             break
-        ctx = task.fewshot_context(doc, 0)
+        ctx = task.fewshot_context(doc, 0, gen_prefix=task.doc_to_prefix(doc))
         requests = task.construct_requests(doc=doc, ctx=ctx, metadata=(task.config.task, i, 1))
         requests = requests if isinstance(requests, list) else [requests]
         if task.OUTPUT_TYPE == "multiple_choice":
             choices = task.doc_to_choice(doc)
             gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
-            gold = choices.index(gold) if isinstance(gold, str) else gold
+            gold = gold[0] if isinstance(gold, list) else gold  # several right answers: the first
+            if isinstance(gold, str):
+                if gold not in choices:
+                    raise ConfigError(f"tasks: {name!r} document {i}: gold answer {gold!r} is not among its choices")
+                gold = choices.index(gold)
             context, continuation = requests[gold].arguments
         else:
             context, continuation = requests[0].arguments
-        pairs.append({"task": task.config.task, "doc": i, "context": context, "continuation": continuation})
+        pairs.append({"task": name, "doc": i, "context": context, "continuation": continuation})
     return pairs

@@ -105,3 +105,12 @@ def test_cli_config_prints_resolved_config_and_rejects_bad_ones(tmp_path, capsys
     assert main(["config", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'corpus.id_feild' (did you mean 'id_field'?)" in err and str(bad) in err
+
+
+def test_yaml_quirks_and_ranges(tmp_path):
+    cfg = _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\nproxy: {lr: 3e-4}\ntokenizer:\n", ["tokenizer.vocab_size=512"])
+    assert cfg.proxy.lr == 3e-4 and cfg.tokenizer.vocab_size == 512  # YAML 1.1 reads 3e-4 as a string
+    with pytest.raises(ConfigError, match="proxy.lr: expected a number, got str 'fast'"):
+        _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\nproxy: {lr: fast}\n")
+    with pytest.raises(ConfigError, match="run.seed: must be >= 0, got -1"):
+        _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\nrun: {seed: -1}\n")

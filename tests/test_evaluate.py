@@ -148,3 +148,18 @@ def test_missing_local_copy_and_unknown_task_are_named(tmp_path):
                                                       "tasks": {"targets": ["no_such_task"], "data_dir": "data"}}))
     with pytest.raises(ConfigError, match="'no_such_task' is not an lm-evaluation-harness task name"):
         write_task_yamls(load_config(tmp_path / "d.yaml"), tmp_path / "out")
+
+
+def test_checkpoint_identity_follows_the_weights(trained, tmp_path):
+    import os
+    import shutil
+
+    from automixer_ops.evaluate import checkpoint_identity
+
+    _, run_dir = trained
+    copy = tmp_path / "ckpt"
+    shutil.copytree(run_dir / "checkpoints" / "step-10", copy)
+    before = checkpoint_identity(copy)
+    assert checkpoint_identity(copy) == before
+    os.utime(copy / "model.safetensors", ns=(1, 1))  # new weights written in place
+    assert checkpoint_identity(copy) != before

@@ -193,3 +193,20 @@ def test_demo_sample_is_valid_and_covers_every_domain():
                        [str(ROOT / "data" / "corpus" / "*.jsonl")]).fetchall()
     assert len(rows) == 9 and sum(r[1] for r in rows) >= 2000
     assert all(n == distinct for _, n, distinct in rows)
+
+
+def test_directory_inputs_read_data_files_only_and_bad_gzip_is_named(tmp_path, capsys):
+    data = tmp_path / "dump"
+    write_jsonl(data / "a.jsonl", [{"id": "a", "text": "alpha text"}])
+    write_jsonl(data / "sub" / "b.jsonl", [{"id": "b", "text": "beta text"}])
+    (data / "dataset_info.json").write_text('{"not": "a document"}')
+    (data / "README.md").write_text("# about this dump\n")
+    (data / "_SUCCESS").write_text("")
+    assert run_prepare(write_config(tmp_path / "a.yaml", {"paths": ["dump"]})) == 0
+    assert corpus_table(tmp_path / "runs" / "t").column("id").to_pylist() == ["a", "b"]
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"id": str(i), "text": "x" * 200}) + "\n" for i in range(500)))
+    (tmp_path / "c.jsonl.gz").write_bytes((tmp_path / "c.jsonl.gz").read_bytes()[:300])  # truncated download
+    assert run_prepare(write_config(tmp_path / "b.yaml", {"paths": ["c.jsonl.gz"]}, run={"id": "gz"})) == 2
+    assert f"error: {tmp_path / 'c.jsonl.gz'}: cannot read past record" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "gz").exists()

@@ -129,3 +129,14 @@ def test_gradient_accumulation_matches_the_full_batch(trained, small_corpus, tmp
     a, b = weights(reference / "checkpoints" / "step-30"), weights(cfg.run_dir / "checkpoints" / "step-30")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_dropped_checkpoints_are_unlinked(trained, small_corpus, tmp_path):
+    _, run_dir = trained
+    refs = [{"step": s, "path": str(run_dir / "checkpoints" / f"step-{s}")} for s in (10, 20)]
+    extra = [f"tokenizer.path={run_dir / 'tokenizer'}"]
+    cfg = load_config(proxy_config(tmp_path, small_corpus, "drop", checkpoints=refs), extra)
+    prepare(cfg, log=lambda _: None)
+    assert list(train_proxy(cfg, log=lambda _: None)) == [10, 20]
+    cfg = load_config(proxy_config(tmp_path, small_corpus, "drop", checkpoints=refs[1:]), extra)
+    assert list(train_proxy(cfg, log=lambda _: None)) == [20]
