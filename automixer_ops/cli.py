@@ -75,6 +75,23 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_regroup(args: argparse.Namespace) -> int:
+    from automixer_ops.regroup import format_weights, regroup, weights_table
+
+    db = regroup(_load(args), log=_log)
+    print(format_weights(weights_table(db)))
+    print(f"\nDuckDB: {db}  (tables: scores, samplers, thresholds, groups, joint_scores, group_stats, weights)")
+    return 0
+
+
+def cmd_mix(args: argparse.Namespace) -> int:
+    from automixer_ops.mix import mix
+
+    out = mix(_load(args), log=_log)
+    print(f"mixture: {out}/part-*.parquet\nweights: {out}/weights.json\nMegatron blend: {out}/blend.txt")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from automixer_ops.config import reference_markdown
 
@@ -101,6 +118,12 @@ STEPS = [
     ("select", cmd_select, "pick each task's best checkpoint, the samplers and alpha -> selection.json",
      "Choose the best checkpoint per task (acc_norm, else acc; ties to the earliest step), group them into "
      "samplers with blending factors, print the Table 1 analogue and plot the benchmark heatmap."),
+    ("regroup", cmd_regroup, "thresholds, groups, joint scores and weights in DuckDB -> automixer.duckdb",
+     "Run the SQL of sql/ on the samplers' score shards: per-sampler top keep_fraction groups, the "
+     "alpha-weighted joint score, each group's influence density and the group weights."),
+    ("mix", cmd_mix, "draw a token-budgeted mixture -> mixture/part-*.parquet, weights.json, blend.txt",
+     "Allocate mix.token_budget tokens by the group weights (caps and max_repeats respected, remainders "
+     "redistributed) and write the drawn documents, the realised weights and a Megatron-LM blend."),
 ]
 
 

@@ -196,6 +196,38 @@ class InfluenceSection:
 
 
 @dataclass(kw_only=True)
+class RegroupSection:
+    keep_fraction: float = setting(0.5, "Per sampler, keep the top keep_fraction of documents by utility "
+                                        "(tau_j = quantile_cont(u_j, 1 - keep_fraction)).")
+
+    def check(self, where: str) -> None:
+        if not 0 < self.keep_fraction <= 1:
+            raise ConfigError(f"{where}.keep_fraction: must be in (0, 1], got {self.keep_fraction}")
+
+
+@dataclass(kw_only=True)
+class GroupCap:
+    group: str = required("Group name as in the weights table (step-<N>).")
+    max_tokens: int = required("At most this many tokens from the group.")
+
+
+@dataclass(kw_only=True)
+class MixSection:
+    token_budget: int = setting(100_000_000, "Tokens T in the training mixture.")
+    max_repeats: int = setting(
+        3, "How many times a group may start again from its top document once it is used up "
+        "(0: every document at most once per group). Up to 4 passes costs little (Muennighoff et al. 2023).")
+    caps: list[GroupCap] = setting([], "Per-group token caps: a list of {group, max_tokens}.")
+    docs_per_part: int = setting(100_000, "Documents per mixture/part-*.parquet file.")
+
+    def check(self, where: str) -> None:
+        if self.token_budget < 1 or self.max_repeats < 0 or self.docs_per_part < 1:
+            raise ConfigError(f"{where}: token_budget and docs_per_part must be >= 1, max_repeats >= 0")
+        if any(c.max_tokens < 0 for c in self.caps):
+            raise ConfigError(f"{where}.caps: max_tokens must be >= 0")
+
+
+@dataclass(kw_only=True)
 class Config:
     run: RunSection = setting(RunSection(), "Where the run lives and its seed.")
     corpus: CorpusSection = required("The raw pretraining corpus.")
@@ -204,6 +236,8 @@ class Config:
     tasks: TasksSection = setting(TasksSection(), "Target tasks: lm-eval names and custom JSONL tasks.")
     evaluate: EvaluateSection = setting(EvaluateSection(), "Checkpoint evaluation with lm-evaluation-harness.")
     influence: InfluenceSection = setting(InfluenceSection(), "Influence scoring of the corpus (DataInf).")
+    regroup: RegroupSection = setting(RegroupSection(), "Regrouping and reweighting in DuckDB SQL (sql/).")
+    mix: MixSection = setting(MixSection(), "The token-budgeted training mixture.")
 
     # Directory that relative paths resolve against; not a YAML key.
     base_dir: Path = field(default=Path("."), repr=False, compare=False, metadata={"internal": True})

@@ -1,0 +1,1 @@
+automixer_ops/sql
