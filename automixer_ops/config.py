@@ -199,6 +199,8 @@ class InfluenceSection:
 class RegroupSection:
     keep_fraction: float = setting(0.5, "Per sampler, keep the top keep_fraction of documents by utility "
                                         "(tau_j = quantile_cont(u_j, 1 - keep_fraction)).")
+    memory_limit: str = setting("4GB", "DuckDB memory_limit while regrouping; past it DuckDB spills to "
+                                       "<run>/.duckdb_tmp, so any number of scores fits (e.g. '16GB', '80%').")
 
     def check(self, where: str) -> None:
         if not 0 < self.keep_fraction <= 1:

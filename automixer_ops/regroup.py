@@ -58,7 +58,7 @@ def regroup(cfg: Config, log: Callable[[str], None] = print) -> Path:
             raise AutomixerError(f"weights sum to {total}, not 1 (every group has zero influence density?)")
 
     db = run.path / DB_NAME
-    build_database(db, params, checks)
+    build_database(db, params, checks, cfg.regroup.memory_limit)
     log(f"regrouped {len(steps)} sampler(s) with keep_fraction {cfg.regroup.keep_fraction} into {db}")
     return db
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 from automixer_ops.errors import AutomixerError
@@ -36,14 +37,18 @@ def _strip_comments(sql: str) -> str:
     return "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
 
 
-def build_database(path: Path, params: dict, checks) -> None:
+def build_database(path: Path, params: dict, checks, memory_limit: str = "4GB") -> None:
     """Create every table into `path` atomically; `checks(con)` may raise before publishing."""
     import duckdb
 
     tmp = path.with_name(f".{path.name}.tmp")
     for stale in (tmp, tmp.with_name(tmp.name + ".wal")):
         stale.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
+    spill = path.with_name(".duckdb_tmp")
+    try:
+        con = duckdb.connect(str(tmp), config={"memory_limit": memory_limit, "temp_directory": str(spill)})
+    except duckdb.Error as e:
+        raise AutomixerError(f"regroup.memory_limit: DuckDB refused {memory_limit!r}: {e}") from None
     try:
         run_sql_files(con, sql_files(), params)
         checks(con)
@@ -54,3 +59,4 @@ def build_database(path: Path, params: dict, checks) -> None:
         raise
     con.close()
     os.replace(tmp, path)
+    shutil.rmtree(spill, ignore_errors=True)

@@ -146,3 +146,10 @@ def test_weights_sum_to_one_on_random_scores(docs, keep_fraction):
             assert n >= keep_fraction * len(docs) - 1
         scaled = [s for (s,) in con.execute("SELECT scaled_utility FROM joint_scores").fetchall()]
         assert min(scaled) >= 0 and max(scaled) <= 1
+
+
+def test_bad_memory_limit_is_named(tmp_path, capsys):
+    config, run = make_run(tmp_path)
+    assert main(["regroup", "-c", str(config), "--set", "regroup.memory_limit=lots"]) == 2
+    assert "regroup.memory_limit: DuckDB refused 'lots'" in capsys.readouterr().err
+    assert not (run / "automixer.duckdb").exists()
