@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE := 1
 export HF_HOME := $(CURDIR)/.hf_home
 export TOKENIZERS_PARALLELISM := true
 
-.PHONY: demo test venv constraints clean
+.PHONY: demo demo-cli test venv constraints clean
 
 venv: $(STAMP)
 
@@ -28,11 +28,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 DEMO := --config configs/demo.yaml
 
-demo: $(STAMP)
+# The same pipeline step by step from the shell, without Airflow.
+demo-cli: $(STAMP)
 	$(BIN)/automixer prepare $(DEMO)
 	$(BIN)/automixer train-proxy $(DEMO)
 	$(BIN)/automixer evaluate $(DEMO)
 	$(BIN)/automixer select $(DEMO)
+	$(BIN)/automixer score $(DEMO)
+	$(BIN)/automixer regroup $(DEMO)
+	$(BIN)/automixer mix $(DEMO)
+	$(BIN)/automixer report $(DEMO)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

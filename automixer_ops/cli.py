@@ -60,8 +60,8 @@ def cmd_train_proxy(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from automixer_ops.evaluate import evaluate
 
-    path = evaluate(_load(args), log=_log)
-    print(f"benchmark table: {path}")
+    path = evaluate(_load(args), log=_log, step=args.step)
+    print(f"{'checkpoint results' if args.step is not None else 'benchmark table'}: {path}")
     return 0
 
 
@@ -72,6 +72,15 @@ def cmd_select(args: argparse.Namespace) -> int:
     selection = select(cfg.run_dir)
     print(format_table1(selection))
     print(f"\nselection: {cfg.run_dir / 'selection.json'}\nheatmap: {cfg.run_dir / 'eval' / 'benchmark_heatmap.png'}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from automixer_ops.influence.score import score
+
+    outs = score(_load(args), step=args.step, shards=args.shards, fit_only=args.fit_only, force=args.force,
+                 log=_log)
+    print("\n".join(f"scores: {o}" for o in outs))
     return 0
 
 
@@ -89,6 +98,14 @@ def cmd_mix(args: argparse.Namespace) -> int:
 
     out = mix(_load(args), log=_log)
     print(f"mixture: {out}/part-*.parquet\nweights: {out}/weights.json\nMegatron blend: {out}/blend.txt")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from automixer_ops.report import report
+
+    path, text = report(_load(args), log=_log)
+    print(text)
     return 0
 
 
@@ -118,12 +135,19 @@ STEPS = [
     ("select", cmd_select, "pick each task's best checkpoint, the samplers and alpha -> selection.json",
      "Choose the best checkpoint per task (acc_norm, else acc; ties to the earliest step), group them into "
      "samplers with blending factors, print the Table 1 analogue and plot the benchmark heatmap."),
+    ("score", cmd_score, "DataInf utility of every document per sampler -> scores/step=<N>/part-*.parquet",
+     "Fit DataInf (lambda, r) on the embedding and output layers of a sampler's checkpoint against its tasks' "
+     "validation loss, then score the corpus shards (utility = -influence; positive lowers the loss). Resumes: "
+     "finished fit passes and shards are skipped."),
     ("regroup", cmd_regroup, "thresholds, groups, joint scores and weights in DuckDB -> automixer.duckdb",
      "Run the SQL of sql/ on the samplers' score shards: per-sampler top keep_fraction groups, the "
      "alpha-weighted joint score, each group's influence density and the group weights."),
     ("mix", cmd_mix, "draw a token-budgeted mixture -> mixture/part-*.parquet, weights.json, blend.txt",
      "Allocate mix.token_budget tokens by the group weights (caps and max_repeats respected, remainders "
      "redistributed) and write the drawn documents, the realised weights and a Megatron-LM blend."),
+    ("report", cmd_report, "check DESIGN §3's invariants in SQL and summarise the run -> report/summary.md",
+     "Run the invariant queries of sql/checks/ on automixer.duckdb and write report/summary.md (Table 1, "
+     "weights, the mixture per group, the invariants); fails if an invariant does not hold."),
 ]
 
 
@@ -140,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "prepare":
             p.add_argument("--force", action="store_true",
                            help="rebuild even if the run already has a prepared corpus")
+        if name == "score":
+            p.add_argument("--step", type=int, help="the sampler's checkpoint step (default: every sampler)")
+            what = p.add_mutually_exclusive_group()
+            what.add_argument("--fit-only", action="store_true", help="fit lambda and r, score nothing")
+            what.add_argument("--shards", metavar="START:END",
+                              help="score only corpus shards START..END-1 (0-based); needs a finished fit")
+            p.add_argument("--force", action="store_true", help="refit even if a fit with the same inputs exists")
+        if name == "evaluate":
+            p.add_argument("--step", type=int, help="evaluate only the checkpoint of this step (resumable); "
+                                                    "a later run without --step combines the table")
         p.set_defaults(func=func)
 
     p = steps.add_parser("config", help="validate a config and print it resolved, or print the reference",

@@ -189,10 +189,29 @@ class EvaluateSection:
 class InfluenceSection:
     val_docs_per_task: int = setting(
         64, "Validation documents per task whose (context, gold continuation) loss the influence targets.")
+    max_seq_len: int = setting(
+        512, "Score each document on its first max_seq_len tokens (EOS + max_seq_len - 1 document tokens); "
+        "its n_tokens stays the full length.")
+    fit_samples: int | None = setting(
+        None, "Fit lambda and r on a seeded uniform subsample of this many documents; null: the whole corpus "
+        "(exact DataInf, one more read of the corpus). Changes the scores, so keep it in the run's config.")
+    batch_tokens: int = setting(8192, "Padded tokens per scoring batch (documents are grouped by length).")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "Where to score; 'auto' takes CUDA when present.")
+    precision: Literal["fp32", "bf16"] = setting(
+        "fp32", "Model body precision: fp32, or bf16 autocast on GPU. Gradient statistics are fp32 and the "
+        "fit's sums fp64 either way.")
+    norm_mode: Literal["auto", "explicit", "ghost"] = setting(
+        "auto", "How per-document output-layer gradient norms are formed: built per document in vocabulary "
+        "chunks (explicit), from token Gram matrices (ghost), or whichever costs fewer FLOPs (auto).")
 
     def check(self, where: str) -> None:
-        if self.val_docs_per_task < 1:
-            raise ConfigError(f"{where}.val_docs_per_task: must be >= 1, got {self.val_docs_per_task}")
+        for name in ("val_docs_per_task", "batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_len < 2:
+            raise ConfigError(f"{where}.max_seq_len: must be >= 2, got {self.max_seq_len}")
+        if self.fit_samples is not None and self.fit_samples < 1:
+            raise ConfigError(f"{where}.fit_samples: must be >= 1 or null, got {self.fit_samples}")
 
 
 @dataclass(kw_only=True)

@@ -63,8 +63,13 @@ def eval_fingerprint(cfg: Config, setup_dir: Path) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
-    """Evaluate all checkpoints (resuming); returns the path of eval/benchmark.parquet."""
+def evaluate(cfg: Config, log: Callable[[str], None] = print, step: int | None = None) -> Path:
+    """Evaluate all checkpoints (resuming); returns the path of eval/benchmark.parquet.
+
+    With `step`, evaluate only that checkpoint into eval/steps/step-<N>.parquet and return
+    its path (one mapped Airflow task per checkpoint); a later call without `step` skips the
+    checkpoints already done and combines them.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -73,6 +78,12 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
     checkpoints = list_checkpoints(run)
     if not checkpoints:
         raise AutomixerError(f"{run.path}/checkpoints: no checkpoint; run `automixer train-proxy` first")
+    only = step
+    if only is not None:
+        if only not in checkpoints:
+            raise AutomixerError(f"{run.path}/checkpoints: no checkpoint at step {only} "
+                                 f"(have {', '.join(map(str, checkpoints))})")
+        checkpoints = {only: checkpoints[only]}
     setup = write_task_yamls(cfg, run.path / "eval" / "tasks")
     fingerprint = eval_fingerprint(cfg, setup.include_path)
     tasks = load_tasks(setup)
@@ -94,6 +105,8 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
         os.replace(tmp, out)
         summary = ", ".join(f"{r['task']} {r['value']:.3f}" for r in rows if r["metric"] == _headline(rows, r["task"]))
         log(f"step {step}: {summary}")
+    if only is not None:
+        return steps_dir / f"step-{only}.parquet"
 
     # Combine the checkpoints the run has now (a stale step file of a removed checkpoint is left out).
     tables = [pq.read_table(steps_dir / f"step-{s}.parquet") for s in checkpoints]

@@ -161,5 +161,18 @@ def mix(cfg: Config, log: Callable[[str], None] = print) -> Path:
         blend = " ".join(f"{g.used / total:.6f} {g.name}_text_document" for g in groups if total and g.used)
         atomic_write_text(out / "blend.txt", blend + "\n")
         publish(out, run.path / "mixture")
+    record_mixture(db, run.path / "mixture", run.corpus)
     log(f"mixture: {len(occurrences):,} documents, {total:,} tokens (budget {cfg.mix.token_budget:,})")
     return run.path / "mixture"
+
+
+def record_mixture(db: Path, mixture: Path, corpus: Path) -> None:
+    """The drawn occurrences as table `mixture` of automixer.duckdb (no text), for SQL inspection."""
+    import duckdb
+
+    with duckdb.connect(str(db)) as con:
+        con.execute("""CREATE OR REPLACE TABLE mixture AS
+                       SELECT m.id, m."group" AS group_name, m."repeat", c.n_tokens
+                       FROM read_parquet($mixture) m JOIN read_parquet($corpus) c USING (id)
+                       ORDER BY group_name, m."repeat", m.id""",
+                    {"mixture": str(mixture / "part-*.parquet"), "corpus": str(corpus / "part-*.parquet")})

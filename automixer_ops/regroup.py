@@ -15,7 +15,7 @@ from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError
 from automixer_ops.rundir import RunDir
 from automixer_ops.selection import Selection
-from automixer_ops.sqlrun import DB_NAME, build_database
+from automixer_ops.sqlrun import DB_NAME, build_database, check_files, run_sql_checks
 
 
 def regroup(cfg: Config, log: Callable[[str], None] = print) -> Path:
@@ -35,27 +35,10 @@ def regroup(cfg: Config, log: Callable[[str], None] = print) -> Path:
     corpus_glob = str(run.corpus / "part-*.parquet")
 
     def checks(con) -> None:
-        # DESIGN §3: every corpus id has exactly one score per sampler ...
-        bad = con.execute(
-            """WITH corpus AS (SELECT id FROM read_parquet($corpus)),
-                    per_id AS (SELECT step, id, count(*) AS n FROM scores GROUP BY step, id)
-               SELECT sm.step, c.id, coalesce(p.n, 0) AS n
-               FROM samplers sm CROSS JOIN corpus c
-               LEFT JOIN per_id p ON p.step = sm.step AND p.id = c.id
-               WHERE coalesce(p.n, 0) != 1
-               UNION ALL
-               SELECT step, id, n FROM per_id WHERE id NOT IN (SELECT id FROM corpus)
-               ORDER BY 1, 2 LIMIT 3""", {"corpus": corpus_glob}).fetchall()
-        if bad:
-            detail = "; ".join(f"step {s} id {i!r}: {n} score(s)" for s, i, n in bad)
-            raise AutomixerError(f"scores do not cover the corpus exactly once per sampler, e.g. {detail}")
-        nan = con.execute("SELECT count(*) FROM scores WHERE NOT isfinite(utility)").fetchone()[0]
-        if nan:
-            raise AutomixerError(f"{nan} score(s) are NaN or infinite")
-        # ... and the weights sum to 1.
-        total = con.execute("SELECT sum(weight) FROM weights").fetchone()[0]
-        if total is None or abs(total - 1) > 1e-9:
-            raise AutomixerError(f"weights sum to {total}, not 1 (every group has zero influence density?)")
+        # DESIGN §3 before publishing: scores cover the corpus once per sampler, all finite, weights sum to 1.
+        for c in run_sql_checks(con, check_files("0[123]_"), {"corpus_glob": corpus_glob}):
+            if not c["ok"]:
+                raise AutomixerError(f"regroup: {c['invariant']} does not hold: {c['detail']}")
 
     db = run.path / DB_NAME
     build_database(db, params, checks, cfg.regroup.memory_limit)

@@ -145,7 +145,7 @@ def plot_heatmap(rows: list[dict], selection: Selection, out: Path) -> None:
 
 def format_table1(selection: Selection) -> str:
     """The paper's Table 1 analogue, plus the samplers."""
-    w = max(len("task"), *(len(t) for t in selection.tasks))
+    w = max([len("task"), *(len(t) for t in selection.tasks)])
     lines = [f"{'task':<{w}}  {'metric':<10}  {'best step':>9}  {'value':>8}  {'last step':>9}  {'value':>8}  "
              f"{'best/last':>9}"]
     for t, c in selection.tasks.items():

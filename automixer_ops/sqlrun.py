@@ -25,12 +25,17 @@ def sql_files(prefix: str = "") -> list[Path]:
 
 def run_sql_files(con, files: list[Path], params: dict) -> None:
     for path in files:
-        sql = path.read_text(encoding="utf-8")
-        used = set(re.findall(r"\$([A-Za-z_]\w*)", _strip_comments(sql)))
-        missing = used - params.keys()
-        if missing:
-            raise AutomixerError(f"{path.name}: no value bound for {', '.join(sorted(missing))}")
-        con.execute(sql, {k: params[k] for k in used} if used else None)
+        con.execute(*_bound(path, params))
+
+
+def _bound(path: Path, params: dict) -> tuple[str, dict | None]:
+    """A SQL file's text and the parameters it uses (a missing one is named)."""
+    sql = path.read_text(encoding="utf-8")
+    used = set(re.findall(r"\$([A-Za-z_]\w*)", _strip_comments(sql)))
+    missing = used - params.keys()
+    if missing:
+        raise AutomixerError(f"{path.name}: no value bound for {', '.join(sorted(missing))}")
+    return sql, ({k: params[k] for k in used} if used else None)
 
 
 def _strip_comments(sql: str) -> str:
@@ -60,3 +65,22 @@ def build_database(path: Path, params: dict, checks, memory_limit: str = "4GB") 
     con.close()
     os.replace(tmp, path)
     shutil.rmtree(spill, ignore_errors=True)
+
+
+def check_files(prefix: str = "") -> list[Path]:
+    """The invariant queries of sql/checks/ (DESIGN §3), in file-name order."""
+    return sorted((SQL_DIR / "checks").glob(f"{prefix}*.sql"))
+
+
+def run_sql_checks(con, files: list[Path], params: dict) -> list[dict]:
+    """Run check queries (one row each: invariant, ok, detail) on an open connection."""
+    import duckdb
+
+    results = []
+    for path in files:
+        try:
+            row = con.execute(*_bound(path, params)).fetchone()
+        except duckdb.Error as e:
+            raise AutomixerError(f"{path.name}: {e}") from None
+        results.append({"check": path.stem, "invariant": row[0], "ok": bool(row[1]), "detail": row[2]})
+    return results

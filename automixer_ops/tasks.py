@@ -21,6 +21,7 @@ import yaml
 
 from automixer_ops.config import Config, CustomTask
 from automixer_ops.errors import ConfigError
+from automixer_ops.rundir import atomic_write_text
 
 # Bundled YAML of each of the paper's tasks, relative to lm_eval/tasks (found by a scan otherwise).
 BUNDLED = {
@@ -67,10 +68,13 @@ def bundled_yaml(task: str) -> Path:
 
 
 def write_task_yamls(cfg: Config, out: Path) -> TaskSetup:
-    """Generate the YAMLs for local copies and custom tasks into `out` (replacing it)."""
+    """Generate the YAMLs for local copies and custom tasks into `out` (replacing what was there).
+
+    Each file is replaced atomically and only stale ones are removed, so evaluations of
+    several checkpoints running at once (mapped Airflow tasks) never see a missing YAML.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.yaml"):
-        old.unlink()
+    written = set()
     data_dir = cfg.resolve(cfg.tasks.data_dir).resolve() if cfg.tasks.data_dir else None
     for task in cfg.tasks.targets:
         if data_dir is None:
@@ -85,9 +89,14 @@ def write_task_yamls(cfg: Config, out: Path) -> TaskSetup:
                 "dataset_kwargs": {"data_files": {split: str(found[0])}},
                 "training_split": None, "validation_split": split if split == "validation" else None,
                 "test_split": split if split == "test" else None, "fewshot_split": None}
-        (out / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        atomic_write_text(out / f"{task}.yaml", yaml.safe_dump(spec, sort_keys=False))
+        written.add(f"{task}.yaml")
     for task in cfg.tasks.custom:
-        (out / f"{task.name}.yaml").write_text(yaml.safe_dump(custom_task_yaml(cfg, task), sort_keys=False))
+        atomic_write_text(out / f"{task.name}.yaml", yaml.safe_dump(custom_task_yaml(cfg, task), sort_keys=False))
+        written.add(f"{task.name}.yaml")
+    for old in out.glob("*.yaml"):
+        if old.name not in written:
+            old.unlink(missing_ok=True)
     return TaskSetup(out, cfg.tasks.names(), include_defaults=data_dir is None and bool(cfg.tasks.targets))
 
 

@@ -74,3 +74,57 @@ def trained(small_corpus, tmp_path_factory):
     prepare(cfg, log=lambda _: None)
     train_proxy(cfg, log=lambda _: None)
     return config, cfg.run_dir
+
+
+def write_valset(run_dir, task: str, rows: list[dict]) -> None:
+    (run_dir / "valsets").mkdir(exist_ok=True)
+    with open(run_dir / "valsets" / f"{task}.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps({"task": task, "doc": i, **r}) + "\n")
+
+
+def piqa_pairs(n: int) -> list[dict]:
+    with open(DATA / "benchmarks" / "piqa" / "validation.jsonl") as f:
+        docs = [json.loads(line) for line, _ in zip(f, range(n))]
+    return [{"context": f"Question: {d['goal']}\nAnswer:", "continuation": " " + d[f"sol{d['label'] + 1}"]}
+            for d in docs]
+
+
+def arc_pairs(n: int) -> list[dict]:
+    with open(DATA / "benchmarks" / "arc_easy" / "validation.jsonl") as f:
+        docs = [json.loads(line) for line, _ in zip(f, range(n))]
+    out = []
+    for d in docs:
+        gold = d["choices"]["text"][d["choices"]["label"].index(d["answerKey"])]
+        out.append({"context": f"Question: {d['question']}\nAnswer:", "continuation": " " + gold})
+    return out
+
+
+@pytest.fixture(scope="session")
+def scoring_run(trained, small_corpus, tmp_path_factory):
+    """The tiny trained proxy's checkpoints linked into a run of 4 corpus shards, with two samplers."""
+    import yaml
+
+    from automixer_ops.config import load_config
+
+    tmp = tmp_path_factory.mktemp("scoring")
+    _, trained_dir = trained
+    refs = [{"step": s, "path": str(trained_dir / "checkpoints" / f"step-{s}")} for s in (10, 30)]
+    config = proxy_config(tmp, small_corpus, "sc", checkpoints=refs)
+    raw = yaml.safe_load(config.read_text())
+    raw["tokenizer"]["path"] = str(trained_dir / "tokenizer")
+    raw["corpus"]["docs_per_shard"] = 30
+    raw["influence"] = {"max_seq_len": 64, "batch_tokens": 512}
+    config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config)
+    from automixer_ops.prepare import prepare
+    from automixer_ops.proxy import train_proxy
+    from automixer_ops.selection import Sampler, Selection
+
+    prepare(cfg, log=lambda _: None)
+    train_proxy(cfg, log=lambda _: None)
+    write_valset(cfg.run_dir, "piqa", piqa_pairs(8))
+    write_valset(cfg.run_dir, "arc_easy", arc_pairs(8))
+    sel = Selection({}, [Sampler(10, ["piqa"], 0.25), Sampler(30, ["arc_easy", "piqa"], 0.75)])
+    (cfg.run_dir / "selection.json").write_text(sel.to_json())
+    return config

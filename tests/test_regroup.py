@@ -103,7 +103,7 @@ def test_missing_or_partial_scores_are_refused_and_keep_the_old_database(tmp_pat
     pq.write_table(pa.table({"id": IDS[:9], "utility": U300[:9], "n_tokens": pa.array(TOKENS[:9], pa.int64())}),
                    run / "scores" / "step=300" / "part-00000.parquet")
     assert main(["regroup", "-c", str(config)]) == 2
-    assert "scores do not cover the corpus exactly once per sampler, e.g. step 300 id 'd9': 0 score(s)" in \
+    assert "1 (sampler, id) pairs without exactly one score, e.g. step 300 id 'd9': 0 score(s)" in \
         capsys.readouterr().err
     assert (run / "automixer.duckdb").read_bytes() == before
     for p in (run / "scores" / "step=300").glob("*"):

@@ -1,0 +1,44 @@
+"""Token sequences -> padded `Batch`es, grouped by length so little compute goes to padding."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from automixer_ops.influence.grads import Batch
+
+
+def make_batch(seqs: Sequence[Sequence[int]], first_target: Sequence[int], pad_id: int = 0) -> Batch:
+    """Right-padded batch; sample i's loss is the mean CE of tokens seqs[i][first_target[i]:].
+
+    Right padding keeps every real token's position id and attention exactly as unpadded.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    weight = torch.zeros((len(seqs), width), dtype=torch.float32)
+    for i, (s, first) in enumerate(zip(seqs, first_target)):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+        n = len(s) - first
+        if n > 0:
+            weight[i, first - 1:len(s) - 1] = 1.0 / n  # position t predicts token t+1
+    return Batch(ids, mask, weight)
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int = 256) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length, each at most `batch_tokens` padded tokens.
+
+    Longest first, so a batch that does not fit in memory fails at the start, not at the end.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batch: list[int] = []
+    for i in order:
+        width = lengths[batch[0]] if batch else lengths[i]
+        if batch and (width * (len(batch) + 1) > batch_tokens or len(batch) >= max_batch):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch

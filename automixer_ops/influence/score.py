@@ -1,0 +1,465 @@
+"""`automixer score`: DataInf utilities of every corpus document for one sampler.
+
+Layout under `<run>/scores/step=<N>/` (DESIGN §3):
+
+    fit.safetensors, fit.json   r_l and v_l per layer; lambda_l, n, the fit's fingerprint
+    part-XXXXX.parquet          id, utility (float32), n_tokens: one file per corpus shard
+    .fit/                       the fit's own resumable work: pass-1 statistics per shard
+                                and a pass-2 accumulator checkpoint
+
+Passes over the data (DESIGN §2: lambda needs every ||g||^2, r needs lambda):
+  0. the sampler's validation gradient v (its tasks' validation pairs, each task weighted
+     equally, each document's loss the mean CE of its gold continuation);
+  1. fit set: per document ||g_l||^2 and v_l.g_l  -> lambda_l  (resumable per shard);
+  2. fit set: sum_i c_il g_il                      -> r_l       (checkpointed every minute);
+  3. corpus: utility = sum_l r_l.g_l               (one independent job per shard).
+With the default fit set (the whole corpus) the corpus is read three times; with
+`influence.fit_samples: N` passes 1-2 read only N documents.
+
+Every file is written to a temporary name and renamed into place; a score shard carries
+the fit's fingerprint, so a shard scored with another fit is redone, and a finished one is
+skipped on rerun. NaN or infinite values stop the step and name the documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from automixer_ops.config import Config
+from automixer_ops.errors import AutomixerError, ConfigError
+from automixer_ops.rundir import RunDir, atomic_write_text, fsync_file, read_marker
+
+FIT_JSON, FIT_TENSORS, WORK = "fit.json", "fit.safetensors", ".fit"
+CHECKPOINT_EVERY_S = 60.0
+
+
+@dataclass
+class Sampler:
+    step: int
+    tasks: list[str]
+    checkpoint: Path
+
+
+@dataclass
+class Doc:
+    id: str
+    n_tokens: int
+    ids: list[int]  # EOS + the document's first max_seq_len - 1 tokens
+
+
+def samplers(run: RunDir) -> list[Sampler]:
+    from automixer_ops.selection import Selection
+
+    path = run.path / "selection.json"
+    if not path.is_file():
+        raise AutomixerError(f"{path}: not found; run `automixer select` first")
+    return [Sampler(s.step, s.tasks, run.path / "checkpoints" / f"step-{s.step}")
+            for s in Selection.from_json(path.read_text()).samplers]
+
+
+def sampler_at(run: RunDir, step: int) -> Sampler:
+    found = {s.step: s for s in samplers(run)}
+    if step not in found:
+        raise ConfigError(f"--step {step}: not a sampler of this run (samplers: {', '.join(map(str, found))})")
+    return found[step]
+
+
+def parse_shards(spec: str, n: int) -> range:
+    """'A:B' -> shards A..B-1 (clipped to the corpus), 'A' -> just A."""
+    try:
+        lo, _, hi = spec.partition(":")
+        r = range(int(lo), int(hi) if hi else int(lo) + 1)
+    except ValueError:
+        raise ConfigError(f"--shards {spec!r}: expected START:END (0-based, END exclusive) or one index") from None
+    if r.start < 0 or r.start >= max(n, 1) or r.stop <= r.start:
+        raise ConfigError(f"--shards {spec!r}: the corpus has shards 0..{n - 1}")
+    return range(r.start, min(r.stop, n))
+
+
+class Scorer:
+    """One sampler's model, validation set and fit, over the run's corpus shards."""
+
+    def __init__(self, cfg: Config, step: int, log: Callable[[str], None] = print):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from automixer_ops.proxy import checkpoint_tokenizer_dir, pick_device
+
+        self.cfg, self.log, self.inf = cfg, log, cfg.influence
+        self.run = RunDir(cfg.run_dir)
+        corpus = read_marker(self.run.corpus)
+        if corpus is None:
+            raise AutomixerError(f"{self.run.corpus}: no prepared corpus; run `automixer prepare` first")
+        self.corpus_fingerprint = corpus["fingerprint"]
+        self.shards = self.run.corpus_shards()
+        self.sampler = sampler_at(self.run, step)
+        if not (self.sampler.checkpoint / "config.json").is_file():
+            raise AutomixerError(f"{self.sampler.checkpoint}: checkpoint not found")
+        self.out = self.run.path / "scores" / f"step={step}"
+        self.device = pick_device(self.inf.device)
+        self.autocast = torch.bfloat16 if self.inf.precision == "bf16" else None
+        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_tokenizer_dir(self.run, self.sampler.checkpoint)))
+        model = AutoModelForCausalLM.from_pretrained(str(self.sampler.checkpoint), dtype=torch.float32)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and self.inf.max_seq_len > limit:
+            raise ConfigError(f"influence.max_seq_len: {self.inf.max_seq_len} exceeds the model's "
+                              f"max_position_embeddings {limit}")
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.eos = self.tokenizer.eos_token_id
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
+
+    # ---------------------------------------------------------------- inputs
+
+    def fingerprint(self) -> str:
+        from automixer_ops.evaluate import checkpoint_identity
+
+        valsets = {t: _file_hash(self.run.path / "valsets" / f"{t}.jsonl") for t in self.sampler.tasks}
+        payload = {"checkpoint": checkpoint_identity(self.sampler.checkpoint), "corpus": self.corpus_fingerprint,
+                   "valsets": valsets, "max_seq_len": self.inf.max_seq_len, "fit_samples": self.inf.fit_samples,
+                   "seed": self.cfg.run.seed, "precision": self.inf.precision}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validation_batches(self):
+        import torch
+
+        from automixer_ops.evaluate import read_validation_set
+        from automixer_ops.influence.batching import length_batches, make_batch
+
+        seqs, firsts, coeffs = [], [], []
+        for task in self.sampler.tasks:
+            pairs = read_validation_set(self.run.path, task)
+            if not pairs:
+                raise AutomixerError(f"{self.run.path}/valsets/{task}.jsonl is empty")
+            for p in pairs:
+                ctx, cont = (e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(
+                    [p["context"], p["continuation"]], add_special_tokens=False))
+                cont = cont[-(self.inf.max_seq_len - 1):]
+                if not cont:
+                    raise AutomixerError(f"valsets/{task}.jsonl document {p['doc']}: empty continuation")
+                ids = ([self.eos] + ctx + cont)[-self.inf.max_seq_len:]  # keep the continuation whole
+                seqs.append(ids)
+                firsts.append(len(ids) - len(cont))
+                coeffs.append(1.0 / (len(self.sampler.tasks) * len(pairs)))
+        for idx in length_batches([len(s) for s in seqs], self.inf.batch_tokens):
+            yield (make_batch([seqs[i] for i in idx], [firsts[i] for i in idx], self.pad).to(self.device),
+                   torch.tensor([coeffs[i] for i in idx]))
+
+    def read_shard(self, index: int, fit_only: bool = False) -> list[Doc]:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.shards[index], columns=["id", "text", "n_tokens"])
+        ids, texts, n_tokens = (table.column(c).to_pylist() for c in ("id", "text", "n_tokens"))
+        rows = range(len(ids))
+        if fit_only and self.inf.fit_samples is not None:
+            chosen = self.fit_rows()
+            rows = [r for r in rows if (index, r) in chosen]
+        enc = self.tokenizer.backend_tokenizer.encode_batch_fast([texts[r] for r in rows], add_special_tokens=False)
+        keep = self.inf.max_seq_len - 1
+        return [Doc(ids[r], n_tokens[r], [self.eos] + e.ids[:keep]) for r, e in zip(rows, enc)]
+
+    def fit_rows(self) -> set[tuple[int, int]]:
+        """The seeded uniform fit subsample as (shard, row) pairs."""
+        if not hasattr(self, "_fit_rows"):
+            import pyarrow.parquet as pq
+
+            counts = [pq.ParquetFile(p).metadata.num_rows for p in self.shards]
+            total = sum(counts)
+            pick = np.random.default_rng(self.cfg.run.seed).choice(total, min(self.inf.fit_samples, total),
+                                                                   replace=False)
+            starts = np.cumsum([0] + counts)
+            shard = np.searchsorted(starts, pick, side="right") - 1
+            self._fit_rows = {(int(s), int(p - starts[s])) for s, p in zip(shard, pick)}
+        return self._fit_rows
+
+    def batches(self, docs: list[Doc]) -> Iterator[tuple[list[int], object]]:
+        from automixer_ops.influence.batching import length_batches, make_batch
+
+        for idx in length_batches([len(d.ids) for d in docs], self.inf.batch_tokens):
+            yield idx, make_batch([docs[i].ids for i in idx], [1] * len(idx), self.pad).to(self.device)
+
+    # ---------------------------------------------------------------- the fit
+
+    def fit(self, force: bool = False):
+        """Passes 0-2; returns the Fit (loaded when already done with the same inputs)."""
+        from automixer_ops.influence.datainf import (coefficients, damping, finish, weighted_gradient_sum,
+                                                     zeros_like_layers)
+        from automixer_ops.influence.grads import BatchGrads
+
+        fp = self.fingerprint()
+        done = self.read_fit_json()
+        if done is not None and done["fingerprint"] == fp and not force:
+            self.log(f"step {self.sampler.step}: fit already done (n={done['n']:,})")
+            return self.load_fit()
+        if done is not None:
+            self.log(f"step {self.sampler.step}: inputs changed since the last fit; refitting and rescoring")
+            self.remove_outputs()
+        work = self.out / WORK
+        if (work / "fingerprint").is_file() and (work / "fingerprint").read_text() != fp:
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work / "fingerprint", fp)
+
+        t0 = time.perf_counter()
+        v = weighted_gradient_sum(self.model, self.validation_batches(), autocast_dtype=self.autocast)
+        v = {k: t.float() for k, t in v.items()}
+        _check_finite(v, "the validation gradient", self.sampler.step)
+        self.log(f"step {self.sampler.step}: validation gradient of {', '.join(self.sampler.tasks)} "
+                 f"({time.perf_counter() - t0:.1f} s)")
+
+        # Pass 1, resumable per shard. Only the sums stay in memory: pass 2 rereads each shard's statistics.
+        names = list(v)
+        n, sum_sq = 0, {k: 0.0 for k in names}
+        for i in range(len(self.shards)):
+            path = work / f"stats-{i:05d}.parquet"
+            if not path.is_file():
+                self._pass1_shard(i, v, path)
+            s = _read_stats(path)
+            n += len(s["id"])
+            for k in names:
+                sum_sq[k] += float(s[f"sq_{k}"].astype(np.float64).sum())
+        if n == 0:
+            raise AutomixerError("the fit set is empty")
+        lam = damping(sum_sq, n, {k: v[k].numel() for k in names})
+        self.log(f"step {self.sampler.step}: pass 1 done, n={n:,}, lambda " +
+                 ", ".join(f"{k}={lam[k]:.3e}" for k in names))
+
+        # Pass 2, with a checkpoint of the fp64 accumulator every minute.
+        import torch
+
+        ckpt = work / "pass2.pt"
+        state = torch.load(ckpt, map_location=self.device) if ckpt.is_file() else None
+        c_sum = state["c_sum"] if state else zeros_like_layers(self.model)
+        start = state["next_shard"] if state else 0
+        last_save = time.perf_counter()
+        for i in range(start, len(self.shards)):
+            docs = self.read_shard(i, fit_only=True)
+            s = _read_stats(work / f"stats-{i:05d}.parquet")
+            if [d.id for d in docs] != s["id"].tolist():
+                raise AutomixerError(f"{self.shards[i]}: changed since pass 1 of the fit; rerun with --force")
+            coeff = coefficients(_stats_obj(s, names), lam)
+            for idx, batch in self.batches(docs):
+                bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast)
+                for k in names:
+                    bg.accumulate(coeff[k][idx], {k: c_sum[k]})
+            if time.perf_counter() - last_save > CHECKPOINT_EVERY_S or i == len(self.shards) - 1:
+                _atomic_torch_save({"c_sum": c_sum, "next_shard": i + 1}, ckpt)
+                last_save = time.perf_counter()
+        fit = finish(v, c_sum, n, lam, sum_sq)
+        _check_finite(fit.r, "r (the fit)", self.sampler.step)
+        self.write_fit(fit, fp)
+        self.log(f"step {self.sampler.step}: fit done in {time.perf_counter() - t0:.1f} s -> {self.out / FIT_JSON}")
+        return fit
+
+    def _pass1_shard(self, i: int, v, path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        import torch
+
+        from automixer_ops.influence.grads import BatchGrads
+
+        docs = self.read_shard(i, fit_only=True)
+        cols = {f"{p}_{k}": np.zeros(len(docs), np.float32) for k in v for p in ("sq", "vdot")}
+        t0, bad = time.perf_counter(), []
+        for idx, batch in self.batches(docs):
+            bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast)
+            sq, dots = bg.sq_norms(self.inf.norm_mode), bg.dots(v)
+            for k in v:
+                cols[f"sq_{k}"][idx] = sq[k].cpu().numpy()
+                cols[f"vdot_{k}"][idx] = dots[k].cpu().numpy()
+            bad += _nonfinite_ids(torch.stack([*sq.values(), *dots.values()]), [docs[j].id for j in idx])
+        _raise_if_bad(bad, self.shards[i], "gradient")
+        table = pa.table({"id": pa.array([d.id for d in docs], pa.string()), **cols})
+        _write_parquet(table, path, {})
+        self.log(f"step {self.sampler.step}: pass 1 shard {i + 1}/{len(self.shards)} "
+                 f"({len(docs):,} docs, {time.perf_counter() - t0:.1f} s)")
+
+    def read_fit_json(self) -> dict | None:
+        try:
+            return json.loads((self.out / FIT_JSON).read_text())
+        except FileNotFoundError:
+            return None
+
+    def write_fit(self, fit, fp: str) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.out / f".{FIT_TENSORS}.tmp"
+        tensors = {f"r.{k}": t.contiguous().cpu() for k, t in fit.r.items()}
+        tensors.update({f"v.{k}": t.contiguous().cpu() for k, t in fit.v.items()})
+        save_file(tensors, str(tmp))
+        fsync_file(tmp)
+        os.replace(tmp, self.out / FIT_TENSORS)
+        info = {"fingerprint": fp, "step": self.sampler.step, "tasks": self.sampler.tasks,
+                "checkpoint": str(self.sampler.checkpoint), "n": fit.n, "layers": list(fit.r),
+                "dims": fit.dims, "lambda": fit.lam, "sum_sq_norm": fit.sum_sq,
+                "settings": asdict(self.inf), "seed": self.cfg.run.seed,
+                "formula": "utility = sum_l r_l . g_l ; r_l = (v_l - mean_i c_il g_il) / lambda_l"}
+        atomic_write_text(self.out / FIT_JSON, json.dumps(info, indent=2) + "\n")  # written last: the marker
+
+    def load_fit(self):
+        from safetensors.torch import load_file
+
+        from automixer_ops.influence.datainf import Fit
+
+        info = self.read_fit_json()
+        t = load_file(str(self.out / FIT_TENSORS), device=str(self.device))
+        return Fit(n=info["n"], dims=info["dims"], lam=info["lambda"], sum_sq=info["sum_sq_norm"],
+                   r={k: t[f"r.{k}"] for k in info["layers"]}, v={k: t[f"v.{k}"] for k in info["layers"]})
+
+    def remove_outputs(self) -> None:
+        for p in list(self.out.glob("part-*.parquet")) + [self.out / FIT_JSON, self.out / FIT_TENSORS]:
+            p.unlink(missing_ok=True)
+        shutil.rmtree(self.out / WORK, ignore_errors=True)
+
+    # ---------------------------------------------------------------- scoring
+
+    def score_shards(self, shards: range, fit) -> int:
+        """Pass 3 for the given corpus shards; returns how many were scored (not skipped)."""
+        import pyarrow as pa
+
+        from automixer_ops.influence.grads import BatchGrads
+
+        fp = self.read_fit_json()["fingerprint"]
+        scored = 0
+        for i in shards:
+            path = self.out / self.shards[i].name
+            if path.is_file() and _parquet_meta(path).get("fit") == fp:
+                continue
+            t0 = time.perf_counter()
+            docs = self.read_shard(i)
+            util, bad = np.zeros(len(docs), np.float32), []
+            for idx, batch in self.batches(docs):
+                bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast, project=self.projected(fit))
+                u = sum(bg.dots(fit.r).values())
+                bad += _nonfinite_ids(u[None], [docs[j].id for j in idx])
+                util[idx] = u.cpu().numpy()
+            _raise_if_bad(bad, self.shards[i], "utility")
+            table = pa.table({"id": pa.array([d.id for d in docs], pa.string()), "utility": util,
+                              "n_tokens": pa.array([d.n_tokens for d in docs], pa.int64())})
+            _write_parquet(table, path, {"fit": fp})
+            n_tok = sum(len(d.ids) - 1 for d in docs)
+            dt = time.perf_counter() - t0
+            self.log(f"step {self.sampler.step}: scored shard {i + 1}/{len(self.shards)} ({len(docs):,} docs, "
+                     f"{n_tok / dt:,.0f} tok/s)")
+            scored += 1
+        return scored
+
+    @staticmethod
+    def projected(fit) -> tuple:
+        """r of the output (or tied) layer: formed in the same matmul as the backward through the head."""
+        return tuple(t for k, t in fit.r.items() if k != "embed")
+
+    def check_fit_current(self) -> None:
+        info = self.read_fit_json()
+        if info is None:
+            raise AutomixerError(f"{self.out / FIT_JSON}: no fit for sampler step {self.sampler.step}; "
+                                 f"run `automixer score --step {self.sampler.step} --fit-only` first")
+        if info["fingerprint"] != self.fingerprint():
+            raise AutomixerError(f"{self.out / FIT_JSON}: the fit was made with other inputs (checkpoint, corpus, "
+                                 f"validation sets or influence settings); rerun `automixer score --step "
+                                 f"{self.sampler.step} --fit-only`")
+
+
+def score(cfg: Config, step: int | None = None, shards: str | None = None, fit_only: bool = False,
+          force: bool = False, log: Callable[[str], None] = print) -> list[Path]:
+    """The CLI step: fit and/or score; returns the sampler output directories it touched."""
+    run = RunDir(cfg.run_dir)
+    steps = [step] if step is not None else [s.step for s in samplers(run)]
+    if shards is not None and step is None:
+        raise ConfigError("--shards needs --step (one sampler's shards at a time)")
+    outs = []
+    for s in steps:
+        scorer = Scorer(cfg, s, log)
+        if shards is not None:  # a mapped job: the fit must already be there
+            scorer.check_fit_current()
+            fit = scorer.load_fit()
+            todo = parse_shards(shards, len(scorer.shards))
+        else:
+            fit = scorer.fit(force=force)
+            todo = range(len(scorer.shards))
+        if not fit_only:
+            n = scorer.score_shards(todo, fit)
+            log(f"step {s}: {n} shard(s) scored, {len(todo) - n} already done -> {scorer.out}")
+        outs.append(scorer.out)
+    return outs
+
+
+# -------------------------------------------------------------------- helpers
+
+def _file_hash(path: Path) -> str:
+    if not path.is_file():
+        raise AutomixerError(f"{path}: no validation set; run `automixer evaluate` first")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _check_finite(tensors: dict, what: str, step: int) -> None:
+    import torch
+
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AutomixerError(f"step {step}: {what} has NaN or infinite values in layer(s) {', '.join(bad)}")
+
+
+def _nonfinite_ids(values, ids: list[str]) -> list[str]:
+    """Ids of the samples (columns of `values`) with a NaN or infinite value."""
+    import torch
+
+    return [ids[j] for j in (~torch.isfinite(values)).any(0).nonzero().flatten().tolist()]
+
+
+def _raise_if_bad(bad: list[str], shard: Path, what: str) -> None:
+    if bad:
+        names = ", ".join(repr(b) for b in bad[:5])
+        raise AutomixerError(f"{shard}: {len(bad)} document(s) give a NaN or infinite {what}, e.g. id {names}; "
+                             "nothing was written for this shard")
+
+
+def _read_stats(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    return {c: (np.asarray(t.column(c).to_pylist(), dtype=object) if c == "id" else t.column(c).to_numpy())
+            for c in t.column_names}
+
+
+def _stats_obj(s: dict, names: list[str]):
+    import torch
+
+    from automixer_ops.influence.datainf import SampleStats
+
+    return SampleStats(sq={k: torch.tensor(s[f"sq_{k}"]) for k in names},
+                       vdot={k: torch.tensor(s[f"vdot_{k}"]) for k in names})
+
+
+def _write_parquet(table, path: Path, meta: dict) -> None:
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table.replace_schema_metadata({k: str(v) for k, v in meta.items()}), tmp)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def _parquet_meta(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items()}
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    fsync_file(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,276 @@
+"""DataInf scorer: exactness against a literal per-sample reference, the step's contracts, behaviour."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from automixer_ops.config import load_config
+from automixer_ops.errors import AutomixerError
+from automixer_ops.influence.batching import length_batches, make_batch
+from automixer_ops.influence.datainf import fit_in_memory, utilities
+from conftest import piqa_pairs, write_valset
+
+# ------------------------------------------------------------------ exactness
+
+
+def tiny_llama(tied: bool, seed: int = 0, vocab: int = 61):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                      max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def reference(model, fit_seqs, val_seqs, val_firsts, val_weights):
+    """DESIGN §2 written literally: one sample at a time through autograd, in fp64."""
+    model = model.double()
+    params = [model.get_input_embeddings().weight]
+    if not model.config.tie_word_embeddings:
+        params.append(model.get_output_embeddings().weight)
+
+    def grad(seq, first):
+        ids = torch.tensor([seq])
+        logits = model(input_ids=ids).logits[0]
+        loss = torch.nn.functional.cross_entropy(logits[first - 1:-1], ids[0, first:])
+        return torch.autograd.grad(loss, params)
+
+    val = [grad(s, f) for s, f in zip(val_seqs, val_firsts)]
+    v = [sum(w * g[l] for w, g in zip(val_weights, val)) for l in range(len(params))]
+    G = [grad(s, 1) for s in fit_seqs]
+    n, lam, r = len(G), [], []
+    for l in range(len(params)):
+        lam_l = 0.1 / (n * v[l].numel()) * sum((g[l] ** 2).sum() for g in G)
+        c = [(v[l] * g[l]).sum() / (lam_l + (g[l] ** 2).sum()) for g in G]
+        r.append((v[l] - sum(ci * g[l] for ci, g in zip(c, G)) / n) / lam_l)
+        lam.append(float(lam_l))
+    u = torch.stack([sum((r[l] * g[l]).sum() for l in range(len(params))) for g in G])
+    return lam, r, u
+
+
+def random_samples(vocab: int, lengths, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fit_and_utilities_match_the_per_sample_reference(tied):
+    model = tiny_llama(tied)
+    # Lengths from 2 (one predicted token) to 33: short rows take the Gram form, long rows the explicit one.
+    fit_seqs = random_samples(61, [5, 9, 33, 2, 12, 8, 3, 21, 17, 6], seed=1)
+    val_seqs = random_samples(61, [7, 12, 6, 15], seed=2)
+    val_firsts, val_weights = [4, 6, 2, 14], [0.125, 0.125, 0.25, 0.5]  # contexts not scored, unequal weights
+    lam_ref, r_ref, u_ref = reference(tiny_llama(tied), fit_seqs, val_seqs, val_firsts, val_weights)
+
+    val = [(make_batch(val_seqs[:3], val_firsts[:3]), torch.tensor(val_weights[:3])),
+           (make_batch(val_seqs[3:], val_firsts[3:]), torch.tensor(val_weights[3:]))]
+    for mode in ("explicit", "ghost", "auto"):
+        for size in (1, 3, 10):
+            # Padding patterns: input order (mixed lengths in a batch) and length-sorted batches.
+            for groups in ([list(range(i, min(i + size, 10))) for i in range(0, 10, size)],
+                           list(length_batches([len(s) for s in fit_seqs], batch_tokens=size * 33))):
+                order = [i for grp in groups for i in grp]
+                batches = [make_batch([fit_seqs[i] for i in grp], [1] * len(grp)) for grp in groups]
+                fit = fit_in_memory(model, val, batches, mode=mode)
+                u = torch.empty(10, dtype=torch.float64)
+                u[order] = utilities(model, batches, fit).double()
+                where = f"{mode}, batch {size}"
+                for l, name in enumerate(fit.lam):
+                    assert abs(fit.lam[name] - lam_ref[l]) <= 1e-4 * lam_ref[l], where
+                    err = (fit.r[name].double() - r_ref[l]).abs().max() / r_ref[l].abs().max()
+                    assert err <= 1e-4, (where, name, float(err))
+                rel = (u - u_ref).abs() / u_ref.abs()
+                assert float(rel.max()) <= 1e-4, (where, rel)
+    assert list(fit.lam) == (["tied"] if tied else ["embed", "output"])
+
+
+def test_padding_and_batch_composition_do_not_change_a_samples_statistics():
+    from automixer_ops.influence.grads import BatchGrads
+
+    model = tiny_llama(False)
+    seqs = random_samples(61, [4, 30, 11], seed=3)
+    v = {k: torch.randn(w.shape) for k, w in [("embed", model.get_input_embeddings().weight),
+                                              ("output", model.get_output_embeddings().weight)]}
+    together = BatchGrads(model, make_batch(seqs, [1, 1, 1]))
+    for i, s in enumerate(seqs):
+        alone = BatchGrads(model, make_batch([s], [1]))
+        for k in v:
+            torch.testing.assert_close(together.sq_norms()[k][i], alone.sq_norms()[k][0], rtol=1e-5, atol=0)
+            torch.testing.assert_close(together.dots(v)[k][i], alone.dots(v)[k][0], rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------ the step
+
+
+def read_scores(run_dir, step):
+    return pq.read_table(sorted((run_dir / "scores" / f"step={step}").glob("part-*.parquet"))).to_pylist()
+
+
+def test_score_step_covers_the_corpus_once_per_sampler_and_matches_the_in_memory_fit(scoring_run, tmp_path):
+    from automixer_ops.influence.score import Scorer, score
+
+    cfg = load_config(scoring_run)
+    logs = []
+    score(cfg, log=logs.append)
+    corpus = pq.read_table(sorted(cfg.run_dir.glob("corpus/part-*.parquet"))).to_pylist()
+    assert len(list(cfg.run_dir.glob("corpus/part-*.parquet"))) == 4
+    for step in (10, 30):
+        rows = read_scores(cfg.run_dir, step)
+        assert sorted(r["id"] for r in rows) == sorted(d["id"] for d in corpus)
+        assert {r["id"]: r["n_tokens"] for r in rows} == {d["id"]: d["n_tokens"] for d in corpus}
+        assert all(np.isfinite(r["utility"]) for r in rows) and len({r["utility"] for r in rows}) > 50
+        fit = json.loads((cfg.run_dir / "scores" / f"step={step}" / "fit.json").read_text())
+        assert fit["n"] == len(corpus) and set(fit["layers"]) == {"embed", "output"}
+    schema = pq.read_schema(next((cfg.run_dir / "scores" / "step=10").glob("part-*.parquet")))
+    assert [(f.name, str(f.type)) for f in schema] == [("id", "string"), ("utility", "float"), ("n_tokens", "int64")]
+
+    # The streamed three-pass step equals the in-memory fit on the same documents and validation set.
+    scorer = Scorer(cfg, 30, log=lambda _: None)
+    docs = [d for i in range(len(scorer.shards)) for d in scorer.read_shard(i)]
+    batches = [make_batch([docs[i].ids for i in grp], [1] * len(grp), scorer.pad)
+               for grp in length_batches([len(d.ids) for d in docs], 512)]
+    order = [i for grp in length_batches([len(d.ids) for d in docs], 512) for i in grp]
+    fit = fit_in_memory(scorer.model, list(scorer.validation_batches()), batches)
+    expected = np.empty(len(docs), np.float32)
+    expected[order] = utilities(scorer.model, batches, fit).numpy()
+    got = {r["id"]: r["utility"] for r in read_scores(cfg.run_dir, 30)}
+    np.testing.assert_allclose([got[d.id] for d in docs], expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
+
+
+def test_rerun_skips_finished_work_and_a_killed_run_resumes(scoring_run):
+    from automixer_ops.influence.score import score
+
+    cfg = load_config(scoring_run)
+    score(cfg, step=10, log=lambda _: None)
+    out = cfg.run_dir / "scores" / "step=10"
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    logs = []
+    score(cfg, step=10, log=logs.append)
+    assert any("fit already done" in m for m in logs) and any("0 shard(s) scored, 4 already done" in m for m in logs)
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+
+    # A killed scoring job: one shard missing, one partial temp file left behind.
+    (out / "part-00002.parquet").unlink()
+    (out / ".part-00003.parquet.tmp").write_bytes(b"partial")
+    logs = []
+    score(cfg, step=10, shards="0:4", log=logs.append)
+    assert any("1 shard(s) scored, 3 already done" in m for m in logs)
+    assert len(read_scores(cfg.run_dir, 10)) == 108
+
+
+def test_shard_jobs_need_a_current_fit_and_name_bad_ranges(scoring_run, tmp_path):
+    from automixer_ops.influence.score import score
+
+    cfg = load_config(scoring_run, ["run.id=sc2"])
+    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
+                    ignore=shutil.ignore_patterns("scores"))
+    with pytest.raises(AutomixerError, match="no fit for sampler step 10.*--fit-only"):
+        score(cfg, step=10, shards="0:2", log=lambda _: None)
+    with pytest.raises(AutomixerError, match="not a sampler of this run"):
+        score(cfg, step=20, log=lambda _: None)
+    score(cfg, step=10, fit_only=True, log=lambda _: None)
+    out = cfg.run_dir / "scores" / "step=10"
+    assert (out / "fit.json").is_file() and not list(out.glob("part-*.parquet"))
+    with pytest.raises(AutomixerError, match="--shards '7:9': the corpus has shards 0..3"):
+        score(cfg, step=10, shards="7:9", log=lambda _: None)
+    score(cfg, step=10, shards="1:3", log=lambda _: None)
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-00001.parquet", "part-00002.parquet"]
+
+    # Other inputs (a changed validation set): shard jobs refuse the stale fit; a full run refits and rescores.
+    write_valset(cfg.run_dir, "piqa", piqa_pairs(5))
+    with pytest.raises(AutomixerError, match="made with other inputs"):
+        score(cfg, step=10, shards="0:1", log=lambda _: None)
+    logs = []
+    score(cfg, step=10, log=logs.append)
+    assert any("refitting" in m for m in logs) and any("4 shard(s) scored" in m for m in logs)
+
+
+def test_fit_samples_fits_on_a_seeded_subsample(scoring_run):
+    from automixer_ops.influence.score import score
+
+    cfg = load_config(scoring_run, ["run.id=sc3", "influence.fit_samples=25"])
+    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
+                    ignore=shutil.ignore_patterns("scores"))
+    score(cfg, step=30, log=lambda _: None)
+    fit = json.loads((cfg.run_dir / "scores" / "step=30" / "fit.json").read_text())
+    assert fit["n"] == 25 and fit["settings"]["fit_samples"] == 25
+    assert len(read_scores(cfg.run_dir, 30)) == 108
+
+
+def test_a_nan_is_reported_by_document_id_and_nothing_is_written(scoring_run):
+    from safetensors.torch import load_file, save_file
+
+    from automixer_ops.influence.score import score
+
+    cfg = load_config(scoring_run, ["run.id=sc4"])
+    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
+                    ignore=shutil.ignore_patterns("scores", "checkpoints"))
+    # A checkpoint whose embedding row of one token is NaN: only documents containing that token break.
+    # The token is one the validation set never uses, so the fit's first pass meets it.
+    from automixer_ops.influence.score import Scorer
+
+    scorer = Scorer(load_config(scoring_run), 10, log=lambda _: None)
+    val_tokens = {t for b, _ in scorer.validation_batches() for t in b.input_ids.flatten().tolist()}
+    docs = [d for i in range(len(scorer.shards)) for d in scorer.read_shard(i)]
+    token = next(t for d in docs for t in d.ids if t not in val_tokens)
+    broken = sorted(d.id for d in docs if token in d.ids)
+    src = load_config(scoring_run).run_dir / "checkpoints" / "step-10"
+    dst = cfg.run_dir / "checkpoints" / "step-10"
+    shutil.copytree(src.resolve(), dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    weights["model.embed_tokens.weight"][token] = float("nan")
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(AutomixerError, match=rf"part-00000.parquet: {len([b for b in broken if b in {d.id for d in scorer.read_shard(0)}])} document\(s\) give a NaN.*id '") as err:
+        score(cfg, step=10, log=lambda _: None)
+    assert any(f"'{b}'" in str(err.value) for b in broken)
+    assert not list((cfg.run_dir / "scores" / "step=10").glob("part-*.parquet"))
+    assert not (cfg.run_dir / "scores" / "step=10" / "fit.json").exists()
+
+
+# ------------------------------------------------------------------ behaviour
+
+
+def test_sgd_on_the_top_decile_lowers_validation_loss_more_than_on_the_bottom_decile(scoring_run):
+    """First-order meaning of utility: training on high-utility documents helps the sampler's task."""
+    from transformers import AutoModelForCausalLM
+
+    from automixer_ops.influence.grads import BatchGrads
+    from automixer_ops.influence.score import Scorer, score
+
+    cfg = load_config(scoring_run)
+    score(cfg, step=30, log=lambda _: None)
+    utility = {r["id"]: r["utility"] for r in read_scores(cfg.run_dir, 30)}
+    scorer = Scorer(cfg, 30, log=lambda _: None)
+    docs = [d for i in range(len(scorer.shards)) for d in scorer.read_shard(i)]
+    docs.sort(key=lambda d: utility[d.id])
+    k = len(docs) // 10
+    val = list(scorer.validation_batches())
+
+    def val_loss(model):
+        with torch.no_grad():
+            return sum(float((BatchGrads(model, b).loss_per_sample * c).sum()) for b, c in val)
+
+    def after_sgd(subset):
+        model = AutoModelForCausalLM.from_pretrained(str(scorer.sampler.checkpoint), dtype=torch.float32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        batch = make_batch([d.ids for d in subset], [1] * len(subset), scorer.pad)
+        for _ in range(3):
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logp = torch.log_softmax(loss[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+            (-(logp * batch.loss_weight[:, :-1]).sum() / len(subset)).backward()
+            opt.step()
+            opt.zero_grad()
+        return val_loss(model.eval())
+
+    base = val_loss(scorer.model)
+    top, bottom = after_sgd(docs[-k:]), after_sgd(docs[:k])
+    assert base - top > base - bottom, (base, top, bottom)
+    assert top < base
