@@ -103,9 +103,16 @@ def test_missing_or_partial_scores_are_refused_and_keep_the_old_database(tmp_pat
     pq.write_table(pa.table({"id": IDS[:9], "utility": U300[:9], "n_tokens": pa.array(TOKENS[:9], pa.int64())}),
                    run / "scores" / "step=300" / "part-00000.parquet")
     assert main(["regroup", "-c", str(config)]) == 2
-    assert "1 (sampler, id) pairs without exactly one score, e.g. step 300 id 'd9': 0 score(s)" in \
+    assert "step 300: 9 scores for 10 documents (9 distinct ids, 9 known to the corpus)" in \
         capsys.readouterr().err
     assert (run / "automixer.duckdb").read_bytes() == before
+    # Counts that add up but do not cover: d9 missing, d0 twice; then an id the corpus does not have.
+    for ids, detail in ((IDS[:9] + ["d0"], "10 scores for 10 documents (9 distinct ids, 10 known"),
+                        (IDS[:9] + ["stray"], "10 scores for 10 documents (10 distinct ids, 9 known")):
+        pq.write_table(pa.table({"id": ids, "utility": U300, "n_tokens": pa.array(TOKENS, pa.int64())}),
+                       run / "scores" / "step=300" / "part-00000.parquet")
+        assert main(["regroup", "-c", str(config)]) == 2
+        assert detail in capsys.readouterr().err
     for p in (run / "scores" / "step=300").glob("*"):
         p.unlink()
     with pytest.raises(AutomixerError, match="scores/step=300: no score shards"):
