@@ -28,6 +28,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 DEMO := --config configs/demo.yaml
 
+# The Airflow DAG end to end on configs/demo.yaml (dag.test() in a fresh SQLite Airflow home
+# under .airflow_demo/); prints where the weights, the DuckDB file and the run directory are.
+demo: $(STAMP)
+	$(BIN)/python scripts/dag_demo.py --config $(CURDIR)/configs/demo.yaml
+
 # The same pipeline step by step from the shell, without Airflow.
 demo-cli: $(STAMP)
 	$(BIN)/automixer prepare $(DEMO)

@@ -1,0 +1,55 @@
+"""The `automixer` command line a task runs, built from the step and the DAG run's params.
+
+Every backend runs exactly this argv (the first element, `automixer`, may be replaced by
+the backend's path to the executable). The run params that override the config file
+become `--set section.key=value` on every call, so each step sees the same configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any, Mapping, Sequence
+
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+BACKENDS = ("local", "kubernetes", "slurm")
+
+# DAG param -> the config key it overrides. A null param keeps the config file's value.
+OVERRIDE_PARAMS = {
+    "tasks": "tasks.targets",
+    "proxy_preset": "proxy.preset",
+    "keep_fraction": "regroup.keep_fraction",
+    "token_budget": "mix.token_budget",
+}
+
+# The CLI's contract: 0 ok, 2 bad input or settings (retrying cannot help), anything else failed.
+EXIT_BAD_INPUT = 2
+
+
+def config_overrides(params: Mapping[str, Any]) -> list[str]:
+    """`section.key=value` overrides from the run params (values as JSON, which YAML reads).
+
+    An empty param (null, or an empty list or string, as a form's blank field may send) keeps
+    the config file's value.
+    """
+    out = [f"{key}={json.dumps(params[name])}" for name, key in OVERRIDE_PARAMS.items()
+           if params.get(name) not in (None, [], "")]
+    out.extend(params.get("overrides") or [])
+    return out
+
+
+def cli_argv(step: str, step_args: Sequence[Any], params: Mapping[str, Any]) -> list[str]:
+    """["automixer", step, "-c", CONFIG, "--set", ..., *step_args]."""
+    argv = ["automixer", step, "-c", str(params["config"])]
+    for item in config_overrides(params):
+        argv += ["--set", item]
+    return argv + [str(a) for a in step_args]
+
+
+def command_failed(argv: Sequence[str], status: int | str, where: str = "") -> AirflowException:
+    """The task failure for a command that did not exit 0; bad input is not retried."""
+    msg = f"`{shlex.join(argv)}`{' ' + where if where else ''} exited with status {status}"
+    if status == EXIT_BAD_INPUT:
+        return AirflowFailException(msg + " (bad input or settings; not retried)")
+    return AirflowException(msg)
