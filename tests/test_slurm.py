@@ -325,3 +325,32 @@ def test_jobs_are_submitted_and_followed_over_ssh(slurm, login_node, tmp_path):
     with pytest.raises(AirflowFailException, match="FAILED.*exited with status 2"):
         job.run(["automixer", "prepare", "-c", str(tmp_path / "missing.yaml")], gpu=False,
                 job_name="automixer-prepare", log_dir=str(tmp_path / "logs"), log=lines.append)
+
+
+def test_a_scoring_shard_runs_as_a_slurm_job(slurm, tmp_path, scoring_run):
+    """The DAG's mapped scoring job, `score --step N --shards A:B`, through sbatch on the real Slurm."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from automixer_ops.config import load_config
+    from automixer_ops.influence.score import score
+
+    cfg = load_config(scoring_run, ["run.id=slurm-score"])
+    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
+                    ignore=shutil.ignore_patterns("scores"))
+    score(cfg, step=10, fit_only=True, log=lambda _: None)  # the slot's fit task ran before
+    params = {"config": str(scoring_run), "overrides": ["run.id=slurm-score"], "backend": "slurm",
+              "backend_settings": str(write_backends(tmp_path, slurm))}
+    op = AutomixerStepOperator(task_id="score", step="score", step_args=["--step", "10", "--shards", "1:3"],
+                               gpu=True)
+    lines: list[str] = []
+    op._log_line = lines.append
+    op.execute(context(params))
+
+    log = "\n".join(lines)
+    assert f"Slurm job {op._running.job_id} ended: COMPLETED, exit status 0" in log
+    assert "2 shard(s) scored, 0 already done" in log
+    out = cfg.run_dir / "scores" / "step=10"
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-00001.parquet", "part-00002.parquet"]
+    assert pq.read_table(out / "part-00001.parquet").num_rows == 30
