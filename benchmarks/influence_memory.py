@@ -170,7 +170,8 @@ def main() -> None:
         load_line(load0, load1) + ".",
         f"Each run is a fresh process running `automixer score --step {STEP} --shards 0:<all>` (the streaming "
         f"per-shard loop; the child calls `influence.score.score()` as `cmd_score` does, with a logger that "
-        f"samples the RSS after each shard) on a prepared run of N documents ({args.docs_per_shard} per shard), model {weights} "
+        f"samples the RSS after each shard) on a prepared run of N documents ({args.docs_per_shard} per shard), "
+        f"model {weights} "
         f"(fp32, CPU), influence.max_seq_len {args.max_seq_len}, influence.batch_tokens 8192. Peak RSS = "
         f"ru_maxrss of that process; 'after imports' = its RSS once torch, transformers and the scorer are "
         f"imported. Median of {args.repeats} runs per size, sizes interleaved. Whole run: {total:.0f} s.",
@@ -191,7 +192,8 @@ def main() -> None:
     lines += [
         "",
         f"Peak RSS ratio {last:,} ÷ {first:,} documents: **{med[last]['peak'] / med[first]['peak']:.2f}** "
-        f"(working set above the imports: {(med[last]['peak'] - med[last]['base']) / max(1e-9, med[first]['peak'] - med[first]['base']):.2f}×).",
+        f"(working set above the imports: "
+        f"{(med[last]['peak'] - med[last]['base']) / (med[first]['peak'] - med[first]['base']):.2f}×).",
         "",
         "The documents are the real corpus' documents repeated under new ids (documents 17.. of the corpus, "
         "shuffled with seed 0); the validation set (16 pairs: first half of a document's text as context, second "

@@ -26,12 +26,17 @@ dattri 0.3 fixed in a subclass (DataInfPerLayer below), and said so in the resul
 Stock dattri (regularization=0.1, whole-model split) is run once at the smallest n for
 reference.
 
+dattri's calls run under torch.no_grad() (torch.func.grad still differentiates inside):
+otherwise each cached gradient keeps an autograd graph back to the model's parameters and
+n = 1024 exhausted this machine's 24 GiB.
+
 Models: dattri's per-sample gradients (vmap over a flattened copy of every parameter) cost
-about 0.5 s per sample for the demo proxy (preset tiny, vocab 8192) on this 2-core CPU, too
-slow for n = 1024 within minutes. So the main rows use preset `tiny` with a 1024-token
-byte-level BPE trained here on the corpus, the model trained here for --train-steps steps
-(AdamW, packed windows of the corpus, seed 0); one more row runs the demo proxy itself
-(runs/demo's latest checkpoint; random init on a fresh clone) at --demo-n samples.
+about 0.2 s per sample for the demo proxy (preset tiny, vocab 8192) on this shared 2-core
+CPU, computed twice (cache and attribute): too slow for n = 1024 within minutes. So the
+main rows use preset `tiny` with a 1024-token byte-level BPE trained here on the corpus,
+the model trained here for --train-steps steps (AdamW, packed windows of the corpus,
+seed 0); one more row runs the demo proxy itself (runs/demo's latest checkpoint; random
+init on a fresh clone) at --demo-n samples.
 seq_len 128 (EOS + the document's first 127 tokens).
 
 Environment (dattri is NOT installed in the project's .venv):
