@@ -53,4 +53,4 @@ constraints: $(STAMP)
 	  | grep -viE '^(torch|nvidia-|triton)'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
-	rm -rf runs .pytest_cache .hf_home
+	rm -rf runs .pytest_cache .hf_home .airflow_demo

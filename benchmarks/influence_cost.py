@@ -8,7 +8,7 @@ order rotated every round), after warmup rounds; medians of --runs rounds:
                   opt.step(); opt.zero_grad()   (AdamW as automixer_ops/proxy.py builds it)
   pass 3 (score)  BatchGrads(model, batch, project=(r_output,)).dots(r): what
                   `automixer score` does per batch (model.eval().requires_grad_(False))
-  pass 1 (fit)    BatchGrads(model, batch); .sq_norms() and .dots(v)
+  pass 1 (fit)    BatchGrads(model, batch).sq_norms_and_dots(v)
   pass 2 (fit)    BatchGrads(model, batch); .accumulate(c_l, acc_l) per layer
 
 r, v and the coefficients come from a real fit (`fit_in_memory`) on other batches of the
@@ -27,7 +27,7 @@ vocabulary) is always randomly initialised.
     .venv/bin/python benchmarks/influence_cost.py --runs 9 --presets tiny,25m \\
         --out benchmarks/results/influence_cost.md
 
-The helpers here (demo_run, load_model, corpus_token_ids, machine_line) are shared with
+The helpers here (demo_run, load_model, corpus_token_ids, machine_line) are shared with influence_gpu.py,
 influence_vs_dattri.py and influence_memory.py.
 """
 
@@ -142,6 +142,14 @@ def load_line(before, after) -> str:
             f"(the machine was shared with other work; runs interleaved so both sides see the same load)")
 
 
+def emit(text: str, out: Path | None) -> None:
+    """Print a result and write it to --out when given."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
 # ------------------------------------------------------------------ this benchmark
 
 
@@ -198,8 +206,7 @@ def bench_preset(preset: str, run: Path, checkpoint: Path | None, args) -> dict:
         return BatchGrads(score_model, batch, project=project).dots(fit.r)
 
     def pass1():
-        bg = BatchGrads(score_model, batch)
-        return bg.sq_norms(), bg.dots(fit.v)
+        return BatchGrads(score_model, batch).sq_norms_and_dots(fit.v)
 
     def pass2():
         bg = BatchGrads(score_model, batch)
@@ -228,7 +235,7 @@ def bench_preset(preset: str, run: Path, checkpoint: Path | None, args) -> dict:
 
 LABELS = {"train": "training step (fwd + bwd + AdamW), baseline",
           "pass3": "**pass 3: scoring** `BatchGrads(project=r).dots(r)`",
-          "pass1": "pass 1 (fit): `sq_norms()` + `dots(v)`",
+          "pass1": "pass 1 (fit): `sq_norms_and_dots(v)`",
           "pass2": "pass 2 (fit): `accumulate(c_l)` per layer"}
 
 
@@ -300,11 +307,7 @@ def main() -> None:
         "algebra of `BatchGrads`; r, v and c come from `fit_in_memory` on other batches of the same corpus.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

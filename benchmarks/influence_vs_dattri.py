@@ -1,4 +1,4 @@
-"""Our DataInf (fit_in_memory + utilities) against dattri 0.3's IFAttributorDataInf: speed and agreement.
+"""Our DataInf (streamed passes, and in memory) against dattri 0.3's IFAttributorDataInf: speed, memory, agreement.
 
 Both sides score the same n training samples against the same test samples with the same
 model, in the same process, on the gradients of the same two layers (input embedding and
@@ -8,12 +8,22 @@ output layer), with the same losses:
   test sample    mean CE of its second half given its first half (a held-out document);
                  v = the mean test gradient
 Wall time = fit + scoring of the n samples (tokenization excluded on both sides):
-  ours    fit_in_memory (v, pass 1, pass 2) + utilities (pass 3), batches by length_batches
+  ours, streamed passes (as `automixer score`)
+          fit_in_memory (v, pass 1, pass 2) + utilities (pass 3), batches by length_batches:
+          the model runs over every batch in each of passes 1-3, nothing is kept between passes
+  ours, in memory (like dattri)
+          fit_and_score_in_memory: v, then the model runs once per batch (pass 1) and every
+          batch's state (softmax residual, hidden states, embedding-output gradients) is kept;
+          passes 2 and 3 are output-layer algebra on the kept states, no model run. It holds
+          about tokens x (vocab + 3 hidden) floats, as dattri holds all n per-sample gradients
   dattri  attributor.cache(train) + attributor.attribute(train, test), then the mean over
           the test columns (every DataInf quantity is linear in v, so this equals scoring
           against the mean test gradient)
 Sign: dattri's score is g_train . (DataInf-inverse of g_test), larger = more helpful, the
-same convention as our utility (= -DataInf influence); the script checks the sign.
+same convention as our utility (= -DataInf influence); the script checks the sign. The
+in-memory utilities must equal the streamed ones (asserted) and are compared with dattri too.
+Memory: the growth of the process's peak RSS during one call (VmHWM reset through
+/proc/self/clear_refs before it, after gc and malloc_trim), for each of the three.
 
 dattri 0.3 fixed in a subclass (DataInfPerLayer below), and said so in the results:
   1. the layer split: IFAttributorDataInf._get_layer_wise_reps splits the selected
@@ -32,11 +42,12 @@ n = 1024 exhausted this machine's 24 GiB.
 
 Models: dattri's per-sample gradients (vmap over a flattened copy of every parameter) cost
 about 0.2 s per sample for the demo proxy (preset tiny, vocab 8192) on this shared 2-core
-CPU, computed twice (cache and attribute): too slow for n = 1024 within minutes. So the
-main rows use preset `tiny` with a 1024-token byte-level BPE trained here on the corpus,
-the model trained here for --train-steps steps (AdamW, packed windows of the corpus,
-seed 0); one more row runs the demo proxy itself (runs/demo's latest checkpoint; random
-init on a fresh clone) at --demo-n samples.
+CPU, computed twice (cache and attribute), and attribute() redoes the O(n) test transform
+once per training batch (only 64 samples fit at vocab 8192), so dattri's time grows ~n^2:
+about 20 minutes at n = 1024. So the first rows use preset `tiny` with a 1024-token
+byte-level BPE trained here on the corpus, the model trained here for --train-steps steps
+(AdamW, packed windows of the corpus, seed 0); the demo proxy itself (runs/demo's latest
+checkpoint; random init on a fresh clone) runs at --demo-n samples (256 and 1024).
 seq_len 128 (EOS + the document's first 127 tokens).
 
 Environment (dattri is NOT installed in the project's .venv):
@@ -53,8 +64,9 @@ Environment (dattri is NOT installed in the project's .venv):
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
-import resource
 import statistics
 import sys
 import time
@@ -72,6 +84,24 @@ from influence_cost import (ROOT, corpus_docs, corpus_token_ids, demo_run, load_
                             load_tokenizer, machine_line, packed_windows)
 
 LAYERS = ["model.embed_tokens.weight", "lm_head.weight"]
+
+
+def peak_rss_growth(fn):
+    """fn() and the growth of the process's peak RSS during it in GiB (None where /proc cannot tell)."""
+    def status(field: str) -> float:
+        with open("/proc/self/status") as f:
+            return next(float(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**20
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        start = status("VmRSS")
+    except OSError:
+        return fn(), None
+    out = fn()
+    return out, status("VmHWM") - start
 
 
 # ------------------------------------------------------------------ dattri, fixed
@@ -149,14 +179,16 @@ def run_dattri(model, train, test, batch_size: int, fixed: bool) -> tuple[np.nda
     # Under no_grad: torch.func.grad still differentiates inside, but the results no longer carry an autograd
     # graph back to the model's parameters (dattri copies them into its flattened vector), which otherwise
     # keeps every cached batch's graph alive: 24 GB and the OOM killer at n = 1024 here.
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        att.cache(tr)
-        t1 = time.perf_counter()
-        scores = att.attribute(tr, te)
-        t2 = time.perf_counter()
-    info = {"cache_s": t1 - t0, "attribute_s": t2 - t1, "wall_s": t2 - t0,
-            "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    def timed():
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            att.cache(tr)
+            t1 = time.perf_counter()
+            scores = att.attribute(tr, te)
+            t2 = time.perf_counter()
+        return scores, {"cache_s": t1 - t0, "attribute_s": t2 - t1, "wall_s": t2 - t0}
+
+    (scores, info), info["peak_gib"] = peak_rss_growth(timed)
     if fixed:
         info["lambda"] = att.layer_lambdas[0]
     return scores.detach().double().mean(1).numpy(), info
@@ -165,20 +197,27 @@ def run_dattri(model, train, test, batch_size: int, fixed: bool) -> tuple[np.nda
 # ------------------------------------------------------------------ ours
 
 
-def run_ours(model, train_seqs, test_seqs, test_firsts, pad: int) -> tuple[np.ndarray, dict]:
+def run_ours(model, train_seqs, test_seqs, test_firsts, pad: int, in_memory: bool) -> tuple[np.ndarray, dict]:
+    """in_memory False: the streamed passes (as `automixer score`); True: fit_and_score_in_memory."""
     from automixer_ops.influence.batching import length_batches, make_batch
-    from automixer_ops.influence.datainf import fit_in_memory, utilities
+    from automixer_ops.influence.datainf import fit_and_score_in_memory, fit_in_memory, utilities
 
-    t0 = time.perf_counter()
-    val = [(make_batch(test_seqs, test_firsts, pad), torch.full((len(test_seqs),), 1.0 / len(test_seqs)))]
-    groups = list(length_batches([len(s) for s in train_seqs], batch_tokens=8192))
-    batches = [make_batch([train_seqs[i] for i in g], [1] * len(g), pad) for g in groups]
-    fit = fit_in_memory(model, val, batches)
-    u = utilities(model, batches, fit)
-    wall = time.perf_counter() - t0
+    def timed():
+        t0 = time.perf_counter()
+        val = [(make_batch(test_seqs, test_firsts, pad), torch.full((len(test_seqs),), 1.0 / len(test_seqs)))]
+        groups = list(length_batches([len(s) for s in train_seqs], batch_tokens=8192))
+        batches = [make_batch([train_seqs[i] for i in g], [1] * len(g), pad) for g in groups]
+        if in_memory:
+            fit, u = fit_and_score_in_memory(model, val, batches)
+        else:
+            fit = fit_in_memory(model, val, batches)
+            u = utilities(model, batches, fit)
+        return groups, fit, u, time.perf_counter() - t0
+
+    (groups, fit, u, wall), peak = peak_rss_growth(timed)
     out = np.empty(len(train_seqs))
     out[[i for g in groups for i in g]] = u.double().numpy()
-    return out, {"wall_s": wall, "lambda": [fit.lam["embed"], fit.lam["output"]]}
+    return out, {"wall_s": wall, "peak_gib": peak, "lambda": [fit.lam["embed"], fit.lam["output"]]}
 
 
 # ------------------------------------------------------------------ set-up
@@ -246,22 +285,31 @@ def compare(label: str, tok, ids: list[list[int]], model, ns: list[int], max_bat
         train_seqs = train_all[:n]
         train_t = padded(train_seqs, [1] * n, L, pad)
         batch = min(n, max_batch)
-        ours_w, theirs = [], []
-        run_ours(model, train_seqs, test_seqs, test_firsts, pad)  # warmup
+        ours, mem, theirs = [], [], []  # info dicts per run: streamed, in memory, dattri
+        for in_memory in (False, True):  # warmup
+            run_ours(model, train_seqs, test_seqs, test_firsts, pad, in_memory)
         for rep in range(max(args.ours_repeats, args.dattri_repeats)):  # interleaved
             if rep < args.ours_repeats:
-                u, info = run_ours(model, train_seqs, test_seqs, test_firsts, pad)
-                ours_w.append(info["wall_s"])
+                u, info = run_ours(model, train_seqs, test_seqs, test_firsts, pad, in_memory=False)
+                ours.append(info)
+                um, minfo = run_ours(model, train_seqs, test_seqs, test_firsts, pad, in_memory=True)
+                mem.append(minfo)
             if rep < args.dattri_repeats:
                 d, dinfo = run_dattri(theirs_model, train_t, test_t, batch, fixed=True)
                 theirs.append(dinfo)
-            print(f"{label} n={n} round {rep + 1}: ours {ours_w[-1]:.2f} s" +
+            print(f"{label} n={n} round {rep + 1}: ours streamed {ours[-1]['wall_s']:.2f} s, in memory "
+                  f"{mem[-1]['wall_s']:.2f} s" +
                   (f", dattri {theirs[-1]['wall_s']:.1f} s (cache {theirs[-1]['cache_s']:.1f} + attribute "
                    f"{theirs[-1]['attribute_s']:.1f})" if rep < args.dattri_repeats else ""), flush=True)
+        same = float(np.max(np.abs(um - u)) / np.max(np.abs(u)))
+        assert same <= 1e-4 and np.allclose(minfo["lambda"], info["lambda"], rtol=1e-5), (same, minfo, info)
         pear, spear, rel = agreement(u, d)
-        row = {"model": label, "n": n, "batch": batch, "ours": ours_w, "dattri": theirs, "pearson": pear,
-               "spearman": spear, "rel": rel, "lam_ours": info["lambda"], "lam_dattri": dinfo["lambda"],
-               "neg_pearson": agreement(u, -d)[0]}
+        row = {"model": label, "n": n, "batch": batch, "ours": [x["wall_s"] for x in ours],
+               "mem": [x["wall_s"] for x in mem], "dattri": theirs, "pearson": pear, "spearman": spear, "rel": rel,
+               "mem_pearson": agreement(um, d)[0], "mem_rel": agreement(um, d)[2], "mem_vs_streamed": same,
+               "peak": [max(x["peak_gib"] for x in runs) if all(x["peak_gib"] is not None for x in runs) else None
+                        for runs in (ours, mem, theirs)],
+               "lam_ours": info["lambda"], "lam_dattri": dinfo["lambda"], "neg_pearson": agreement(u, -d)[0]}
         if stock and n == ns[0]:
             s, sinfo = run_dattri(theirs_model, train_t, test_t, batch, fixed=False)
             finite = bool(np.isfinite(s).all())
@@ -272,10 +320,40 @@ def compare(label: str, tok, ids: list[list[int]], model, ns: list[int], max_bat
     return rows
 
 
+def scaling_paragraph(rows: list[dict]) -> str:
+    """How the speed-up moves with n, per model, from the measured rows (smallest to largest n)."""
+    parts = []
+    for label in dict.fromkeys(r["model"] for r in rows):
+        rs = sorted((r for r in rows if r["model"] == label), key=lambda r: r["n"])
+        if len(rs) < 2:
+            continue
+        a, b = rs[0], rs[-1]
+        med = lambda r, k: statistics.median(x[k] for x in r["dattri"])  # noqa: E731
+        ours = lambda r, k="ours": statistics.median(r[k])  # noqa: E731
+        parts.append(
+            f"{label}, n = {a['n']:,} → {b['n']:,} (×{b['n'] / a['n']:g}; dattri batch b = {a['batch']} → "
+            f"{b['batch']}, {-(-a['n'] // a['batch'])} → {-(-b['n'] // b['batch'])} training batches): ours "
+            f"streamed {ours(a):.2f} → {ours(b):.2f} s (×{ours(b) / ours(a):.1f}), in memory "
+            f"{ours(a, 'mem'):.2f} → {ours(b, 'mem'):.2f} s (×{ours(b, 'mem') / ours(a, 'mem'):.1f}); dattri "
+            f"{med(a, 'wall_s'):.0f} → {med(b, 'wall_s'):.0f} s (×{med(b, 'wall_s') / med(a, 'wall_s'):.1f}; "
+            f"cache ×{med(b, 'cache_s') / med(a, 'cache_s'):.1f}, attribute "
+            f"×{med(b, 'attribute_s') / med(a, 'attribute_s'):.1f}); speed-up streamed "
+            f"{med(a, 'wall_s') / ours(a):.0f}× → {med(b, 'wall_s') / ours(b):.0f}×, in memory "
+            f"{med(a, 'wall_s') / ours(a, 'mem'):.0f}× → {med(b, 'wall_s') / ours(b, 'mem'):.0f}×")
+    return ("Scaling with n: ours, streamed, runs the model over the n samples three times (passes 1-3, after "
+            "v), O(n); ours in memory runs it once and does passes 2-3 on the kept states, O(n). dattri's "
+            "`cache()` computes the n training gradients once, O(n); its `attribute()` recomputes them, O(n), and "
+            "once per training batch of b samples applies the DataInf transform of the test gradients against all "
+            "n cached gradients, O(n) each: O(n²/b) in all. So the speed-up grows with n where that term is a "
+            "large share of dattri's time: many training batches (small b, which memory forces at vocabulary "
+            "8192) and large layer gradients; with few batches and small gradients both sides grow about "
+            "linearly. Measured (one dattri run per row, on a shared machine): " + "; ".join(parts) + ".")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", default="256,1024", help="fit/scored samples, small-vocabulary model")
-    ap.add_argument("--demo-n", default="256", help="fit/scored samples, the demo proxy (vocab 8192); '' skips")
+    ap.add_argument("--demo-n", default="256,1024", help="fit/scored samples, the demo proxy (vocab 8192); '' skips")
     ap.add_argument("--test", type=int, default=4, help="test (validation) samples")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=1024)
@@ -321,7 +399,7 @@ def main() -> None:
     load1, total = os.getloadavg(), time.perf_counter() - t_start
 
     cmd = ".bench-dattri/bin/python benchmarks/influence_vs_dattri.py"
-    for flag, default in (("n", "256,1024"), ("demo_n", "256"), ("test", 4)):
+    for flag, default in (("n", "256,1024"), ("demo_n", "256,1024"), ("test", 4)):
         if getattr(args, flag) != default:
             cmd += f" --{flag.replace('_', '-')} '{getattr(args, flag)}'"
     cmd += " --out benchmarks/results/influence_vs_dattri.md"
@@ -338,20 +416,34 @@ def main() -> None:
         "",
         f"Reproduce (the environment is described at the top of the script): `{cmd}`",
         "",
-        "| model | n | ours: fit + score (s) | dattri: cache + attribute (s) | speed-up (dattri ÷ ours) | Pearson | "
-        "Spearman | max abs diff ÷ max abs | λ_embed, λ_output: ours | dattri subclass | dattri batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+        "Two of ours per row. **Streamed** = ours as `automixer score` computes it (`fit_in_memory` + "
+        "`utilities`): the model runs over every batch in each of passes 1, 2 and 3 and nothing is kept between "
+        "passes, so its memory does not grow with n. **In memory** = `fit_and_score_in_memory`, like dattri "
+        "holding all n per-sample gradients: the model runs once per batch and every batch's state (softmax "
+        "residual, hidden states, embedding-output gradients: about tokens × (vocab + 3 hidden) fp32 values) "
+        "is kept for passes 2 and 3, which are then output-layer algebra only. Its utilities equal the streamed "
+        "ones (checked: max abs diff ÷ max abs ≤ 1e-4, same λ); agreement with dattri is given for both. Peak "
+        "memory = growth of the process's peak RSS during one call (the largest of the row's runs).",
+        "",
+        "| model | n | ours, streamed passes: fit + score (s) | ours, in memory: fit + score (s) | dattri: "
+        "cache + attribute (s) | speed-up (dattri ÷ ours streamed) | speed-up (dattri ÷ ours in memory) | peak "
+        "memory growth (GiB): streamed, in memory, dattri | Pearson (streamed; in memory) | Spearman | max abs "
+        "diff ÷ max abs (streamed; in memory) | λ_embed, λ_output: ours | dattri subclass | dattri batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in rows:
-        mo = statistics.median(r["ours"])
+        mo, mm = statistics.median(r["ours"]), statistics.median(r["mem"])
         md = statistics.median(x["wall_s"] for x in r["dattri"])
         det = "; ".join(f"{x['cache_s']:.0f} + {x['attribute_s']:.0f}" for x in r["dattri"])
+        runs = lambda ws: ", ".join(f"{x:.1f}" for x in ws)  # noqa: E731
+        peak = ", ".join("?" if p is None else f"{p:.1f}" for p in r["peak"])
         lines.append(
-            f"| {r['model']} | {r['n']:,} | {mo:.2f} ({', '.join(f'{x:.1f}' for x in r['ours'])}) | {md:.0f} "
-            f"({det}) | **{md / mo:,.0f}×** | {r['pearson']:.6f} | {r['spearman']:.6f} | {r['rel']:.1e} | "
+            f"| {r['model']} | {r['n']:,} | {mo:.2f} ({runs(r['ours'])}) | {mm:.2f} ({runs(r['mem'])}) | {md:.0f} "
+            f"({det}) | **{md / mo:,.0f}×** | **{md / mm:,.0f}×** | {peak} | {r['pearson']:.6f}; "
+            f"{r['mem_pearson']:.6f} | {r['spearman']:.6f} | {r['rel']:.1e}; {r['mem_rel']:.1e} | "
             f"{r['lam_ours'][0]:.4e}, {r['lam_ours'][1]:.4e} | {r['lam_dattri'][0]:.4e}, {r['lam_dattri'][1]:.4e} | "
             f"{r['batch']} |")
-    lines += [""]
+    lines += ["", scaling_paragraph(rows), ""]
     for r in (r for r in rows if "stock" in r):
         s = r["stock"]
         lines.append(
@@ -386,9 +478,11 @@ def main() -> None:
         "it every cached gradient keeps an autograd graph back to the model's parameters and n = 1024 ran out of "
         "this machine's 24 GiB. "
         "Ours runs as the scorer does: the model in eval mode with requires_grad off, batches of up to 8192 "
-        f"padded tokens grouped by length, v + pass 1 + pass 2 + pass 3. Timings: median of {args.ours_repeats} "
-        f"runs of ours (after one warmup) and {args.dattri_repeats} of dattri per row, interleaved (ours' first "
-        "run before dattri's, the rest after); tokenization excluded on both sides.",
+        "padded tokens grouped by length; streamed: v + pass 1 + pass 2 + pass 3, each pass running the model; "
+        "in memory: v + pass 1 (keeping the batch states) + passes 2 and 3 on the kept states. Timings: median "
+        f"of {args.ours_repeats} runs of each of ours (after one warmup each) and {args.dattri_repeats} of dattri "
+        "per row, interleaved (ours' first runs before dattri's, the rest after); tokenization excluded on all "
+        "sides.",
         "",
     ]
     text = "\n".join(lines)

@@ -13,7 +13,7 @@ import torch
 from automixer_ops.config import load_config
 from automixer_ops.errors import AutomixerError
 from automixer_ops.influence.batching import length_batches, make_batch
-from automixer_ops.influence.datainf import fit_in_memory, utilities
+from automixer_ops.influence.datainf import fit_and_score_in_memory, fit_in_memory, utilities
 from conftest import piqa_pairs, write_valset
 
 # ------------------------------------------------------------------ exactness
@@ -89,6 +89,29 @@ def test_fit_and_utilities_match_the_per_sample_reference(tied):
                 rel = (u - u_ref).abs() / u_ref.abs()
                 assert float(rel.max()) <= 1e-4, (where, rel)
     assert list(fit.lam) == (["tied"] if tied else ["embed", "output"])
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fit_and_score_in_memory_equals_the_streamed_passes(tied):
+    from automixer_ops.influence.grads import BatchGrads
+
+    model = tiny_llama(tied)
+    fit_seqs = random_samples(61, [5, 9, 33, 2, 12, 8, 3, 21, 17, 6], seed=1)
+    val_seqs = random_samples(61, [7, 12, 6, 15], seed=2)
+    val = [(make_batch(val_seqs, [4, 6, 2, 14]), torch.tensor([0.125, 0.125, 0.25, 0.5]))]
+    batches = [make_batch([fit_seqs[i] for i in grp], [1] * len(grp))
+               for grp in length_batches([len(s) for s in fit_seqs], batch_tokens=3 * 33)]
+    fit = fit_in_memory(model, val, batches)
+    u = utilities(model, batches, fit)
+    kept_fit, kept_u = fit_and_score_in_memory(model, val, batches)
+    assert list(kept_fit.lam) == list(fit.lam) and kept_fit.n == fit.n == 10
+    for name in fit.lam:
+        assert kept_fit.lam[name] == pytest.approx(fit.lam[name], rel=1e-5)
+        torch.testing.assert_close(kept_fit.r[name], fit.r[name], rtol=1e-5, atol=1e-5 * float(fit.r[name].abs().max()))
+    torch.testing.assert_close(kept_u, u, rtol=1e-5, atol=1e-5 * float(u.abs().max()))
+    # The kept states carry no autograd graph (the model's weights need no gradient here either).
+    bg = BatchGrads(model.requires_grad_(True), batches[0])
+    assert all(t.grad_fn is None and not t.requires_grad for t in vars(bg).values() if torch.is_tensor(t))
 
 
 def test_padding_and_batch_composition_do_not_change_a_samples_statistics():

@@ -91,6 +91,17 @@ def test_local_backend_streams_output_and_succeeds(tmp_path):
     assert "  id: streamed" in lines  # the command's own output, line by line
 
 
+def test_local_backend_environment_defaults_and_overrides(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    seen: list[str] = []
+    LocalProcess({"automixer": "sh"}).run(["automixer", "-c", "echo $OMP_WAIT_POLICY"], log=seen.append)
+    assert seen[-1] == "PASSIVE"  # sleeping OpenMP waits for tasks that share the worker's cores
+    seen.clear()
+    LocalProcess({"automixer": "sh", "env": {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": 3}}).run(
+        ["automixer", "-c", "echo $OMP_WAIT_POLICY $OMP_NUM_THREADS"], log=seen.append)
+    assert seen[-1] == "ACTIVE 3"
+
+
 def test_local_backend_bad_input_fails_without_retry_naming_command_and_status(tmp_path):
     missing = str(tmp_path / "missing.yaml")
     op = AutomixerStepOperator(task_id="prepare", step="prepare")

@@ -7,7 +7,8 @@
 
 lambda needs every fit sample's ||g||^2 and r needs lambda, so the fit reads its samples
 twice (pass 1: norms and v.g; pass 2: sum_i c_i g_i), and scoring reads the corpus once
-more. Per-sample values are fp32; sums over the fit set are fp64.
+more. fit_and_score_in_memory keeps every batch's state from pass 1 instead (small n only).
+Per-sample values are fp32; sums over the fit set are fp64.
 
 These functions work on iterables of `Batch`es, so the step (influence/score.py), the
 tests and the benchmarks share them.
@@ -66,10 +67,13 @@ def weighted_gradient_sum(model, batches: Iterable[tuple[Batch, torch.Tensor]], 
 def sample_stats(model, batches: Iterable[Batch], v: dict[str, torch.Tensor], mode: str = "auto",
                  **kw) -> tuple[SampleStats, torch.Tensor]:
     """Pass 1: per-sample squared norms and v-dots (and the per-sample losses, for NaN checks)."""
+    return _stats_of((BatchGrads(model, batch, **kw) for batch in batches), v, mode)
+
+
+def _stats_of(grads: Iterable[BatchGrads], v: dict[str, torch.Tensor], mode: str) -> tuple[SampleStats, torch.Tensor]:
     stats, losses = SampleStats(), []
-    for batch in batches:
-        bg = BatchGrads(model, batch, **kw)
-        stats.extend(SampleStats(bg.sq_norms(mode), bg.dots(v)))
+    for bg in grads:
+        stats.extend(SampleStats(*bg.sq_norms_and_dots(v, mode)))
         losses.append(bg.loss_per_sample)
     return stats, (torch.cat(losses) if losses else torch.zeros(0))
 
@@ -92,27 +96,57 @@ def finish(v: dict[str, torch.Tensor], c_sum: dict[str, torch.Tensor], n: int, l
 
 def fit_in_memory(model, val: Iterable[tuple[Batch, torch.Tensor]], fit_batches: list[Batch],
                   mode: str = "auto", **kw) -> Fit:
-    """The whole fit on batches held in memory (tests, benchmarks); the step streams shards instead."""
-    v = {k: t.float() for k, t in weighted_gradient_sum(model, val, **kw).items()}
+    """The whole fit on batches held in memory (tests, benchmarks); the step streams shards instead.
+    Each batch's model run is redone in pass 2 (as the step does); see fit_and_score_in_memory."""
+    v = _mean_gradient(model, val, **kw)
     stats, _ = sample_stats(model, fit_batches, v, mode, **kw)
+    return _fit_from_stats(model, v, stats, (BatchGrads(model, batch, **kw) for batch in fit_batches))
+
+
+def fit_and_score_in_memory(model, val: Iterable[tuple[Batch, torch.Tensor]], batches: list[Batch],
+                            mode: str = "auto", **kw) -> tuple[Fit, torch.Tensor]:
+    """fit_in_memory(batches) and utilities(batches) at once, running the model once per batch.
+
+    Each batch's `BatchGrads` is built once, in pass 1, and kept: pass 2 (sum_i c_i g_i) and pass 3
+    (r . g_i, by `dots`; no `project=` folding, r being unknown when the states are built) are then only
+    output-layer algebra on the kept states, with no model run. Like dattri's cache of all n per-sample
+    gradients, this holds every batch's state at once: about tokens x (vocab + 3 hidden) fp32 values (softmax
+    residual, final hidden state, embedding-output gradient and its per-token sums), e.g. 4.1 GiB for
+    n = 1024 samples of 128 tokens at vocabulary 8192, hidden 64. So it is for small n (benchmarks, tests);
+    the streamed step (`automixer score`) cannot keep the corpus's states and reads it three times
+    (fit_in_memory + utilities is that computation). Returns the fit and the utilities in input order (fp32).
+    """
+    v = _mean_gradient(model, val, **kw)
+    kept = [BatchGrads(model, batch, **kw) for batch in batches]
+    stats, _ = _stats_of(kept, v, mode)
+    fit = _fit_from_stats(model, v, stats, kept)
+    return fit, _utilities_of(kept, fit)
+
+
+def _mean_gradient(model, val: Iterable[tuple[Batch, torch.Tensor]], **kw) -> dict[str, torch.Tensor]:
+    return {k: t.float() for k, t in weighted_gradient_sum(model, val, **kw).items()}
+
+
+def _fit_from_stats(model, v: dict[str, torch.Tensor], stats: SampleStats, grads: Iterable[BatchGrads]) -> Fit:
+    """lambda from pass 1's stats, then pass 2 over `grads` (the fit batches' states, in the same order)."""
     n = len(stats)
     sum_sq = {k: float(t.double().sum()) for k, t in stats.sq.items()}
     lam = damping(sum_sq, n, {k: t.numel() for k, t in v.items()})
     coeff = coefficients(stats, lam)
     c_sum, start = zeros_like_layers(model), 0
-    for batch in fit_batches:
-        size = batch.input_ids.shape[0]
-        bg = BatchGrads(model, batch, **kw)
+    for bg in grads:
         for k in c_sum:  # each layer has its own coefficients
-            bg.accumulate(coeff[k][start:start + size], {k: c_sum[k]})
-        start += size
+            bg.accumulate(coeff[k][start:start + bg.B], {k: c_sum[k]})
+        start += bg.B
     return finish(v, c_sum, n, lam, sum_sq)
 
 
 def utilities(model, batches: Iterable[Batch], fit: Fit, **kw) -> torch.Tensor:
     """Scoring: u(x) = sum_l r_l . g_l(x) for every sample, in input order (fp32)."""
-    out, project = [], tuple(t for k, t in fit.r.items() if k != "embed")
-    for batch in batches:
-        dots = BatchGrads(model, batch, project=project, **kw).dots(fit.r)
-        out.append(sum(dots.values()))
+    project = tuple(t for k, t in fit.r.items() if k != "embed")
+    return _utilities_of((BatchGrads(model, batch, project=project, **kw) for batch in batches), fit)
+
+
+def _utilities_of(grads: Iterable[BatchGrads], fit: Fit) -> torch.Tensor:
+    out = [sum(bg.dots(fit.r).values()) for bg in grads]
     return torch.cat(out) if out else torch.zeros(0)

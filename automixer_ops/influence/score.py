@@ -271,7 +271,7 @@ class Scorer:
         t0, bad = time.perf_counter(), []
         for idx, batch in self.batches(docs):
             bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast)
-            sq, dots = bg.sq_norms(self.inf.norm_mode), bg.dots(v)
+            sq, dots = bg.sq_norms_and_dots(v, self.inf.norm_mode)
             for k in v:
                 cols[f"sq_{k}"][idx] = sq[k].cpu().numpy()
                 cols[f"vdot_{k}"][idx] = dots[k].cpu().numpy()
