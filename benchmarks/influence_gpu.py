@@ -271,14 +271,12 @@ def bench_e2e(args) -> str:
     t_start, log = time.perf_counter(), []
     step = args.train_steps  # the demo selection has a sampler at step 50 (arc_easy, boolq, social_iqa)
     cfg = make_run("gpu-e2e", args)
-    run = ROOT / "runs" / "gpu-e2e"
+    run = cfg.parent
     train_s = automixer("train-proxy", "-c", str(cfg), log=log)
     tokens = scored_tokens(run, args.seq_len)
     timings = {}
     for precision in ("bf16", "fp32"):
         over = ["--set", f"influence.precision={precision}"]
-        if precision == "fp32":  # same checkpoint, own scores directory
-            shutil.rmtree(run / "scores", ignore_errors=True)
         fit_s = automixer("score", "-c", str(cfg), "--step", str(step), "--fit-only", *over, log=log)
         score_s = automixer("score", "-c", str(cfg), "--step", str(step), *over, log=log)
         out = run / "scores" / f"step={step}"

@@ -46,7 +46,7 @@ import yaml
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as influence_cost.py; inherited by the children
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from influence_cost import ROOT, corpus_docs, demo_run, load_line, machine_line  # noqa: E402
+from influence_cost import ROOT, corpus_docs, demo_run, emit, load_line, machine_line  # noqa: E402
 
 STEP = 1
 CHILD = """
@@ -201,11 +201,7 @@ def main() -> None:
         "once per size before the timed runs, as the scoring jobs of a DAG find it.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from influence_cost import (ROOT, corpus_docs, corpus_token_ids, demo_run, load_line, load_model,  # noqa: E402
+from influence_cost import (ROOT, corpus_docs, corpus_token_ids, demo_run, emit, load_line, load_model,  # noqa: E402
                             load_tokenizer, machine_line, packed_windows)
 
 LAYERS = ["model.embed_tokens.weight", "lm_head.weight"]
@@ -485,11 +485,7 @@ def main() -> None:
         "sides.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
