@@ -9,13 +9,14 @@ output layer), with the same losses:
                  v = the mean test gradient
 Wall time = fit + scoring of the n samples (tokenization excluded on both sides):
   ours, streamed passes (as `automixer score`)
-          fit_in_memory (v, pass 1, pass 2) + utilities (pass 3), batches by length_batches:
-          the model runs over every batch in each of passes 1-3, nothing is kept between passes
-  ours, in memory (like dattri)
+          fit_in_memory (v, pass 1 with its series sums, pass 2 for the samples the series
+          does not give exactly) + utilities (pass 3), batches by length_batches: the model
+          runs over every batch in passes 1 and 3 (and over the reread samples in pass 2),
+          nothing is kept between passes
+  ours, in memory (like dattri, which keeps all n per-sample gradients)
           fit_and_score_in_memory: v, then the model runs once per batch (pass 1) and every
-          batch's state (softmax residual, hidden states, embedding-output gradients) is kept;
-          passes 2 and 3 are output-layer algebra on the kept states, no model run. It holds
-          about tokens x (vocab + 3 hidden) floats, as dattri holds all n per-sample gradients
+          batch's hidden states and embedding-output gradients are kept (about tokens x 4
+          hidden floats); passes 2 and 3 recompute the softmax residual from them, no model run
   dattri  attributor.cache(train) + attributor.attribute(train, test), then the mean over
           the test columns (every DataInf quantity is linear in v, so this equals scoring
           against the mean test gradient)
@@ -217,7 +218,8 @@ def run_ours(model, train_seqs, test_seqs, test_firsts, pad: int, in_memory: boo
     (groups, fit, u, wall), peak = peak_rss_growth(timed)
     out = np.empty(len(train_seqs))
     out[[i for g in groups for i in g]] = u.double().numpy()
-    return out, {"wall_s": wall, "peak_gib": peak, "lambda": [fit.lam["embed"], fit.lam["output"]]}
+    return out, {"wall_s": wall, "peak_gib": peak, "lambda": [fit.lam["embed"], fit.lam["output"]],
+                 "reread": fit.reread}
 
 
 # ------------------------------------------------------------------ set-up
@@ -309,7 +311,8 @@ def compare(label: str, tok, ids: list[list[int]], model, ns: list[int], max_bat
                "mem_pearson": agreement(um, d)[0], "mem_rel": agreement(um, d)[2], "mem_vs_streamed": same,
                "peak": [max(x["peak_gib"] for x in runs) if all(x["peak_gib"] is not None for x in runs) else None
                         for runs in (ours, mem, theirs)],
-               "lam_ours": info["lambda"], "lam_dattri": dinfo["lambda"], "neg_pearson": agreement(u, -d)[0]}
+               "lam_ours": info["lambda"], "lam_dattri": dinfo["lambda"], "neg_pearson": agreement(u, -d)[0],
+               "reread": info["reread"]}
         if stock and n == ns[0]:
             s, sinfo = run_dattri(theirs_model, train_t, test_t, batch, fixed=False)
             finite = bool(np.isfinite(s).all())
@@ -340,8 +343,9 @@ def scaling_paragraph(rows: list[dict]) -> str:
             f"×{med(b, 'attribute_s') / med(a, 'attribute_s'):.1f}); speed-up streamed "
             f"{med(a, 'wall_s') / ours(a):.0f}× → {med(b, 'wall_s') / ours(b):.0f}×, in memory "
             f"{med(a, 'wall_s') / ours(a, 'mem'):.0f}× → {med(b, 'wall_s') / ours(b, 'mem'):.0f}×")
-    return ("Scaling with n: ours, streamed, runs the model over the n samples three times (passes 1-3, after "
-            "v), O(n); ours in memory runs it once and does passes 2-3 on the kept states, O(n). dattri's "
+    return ("Scaling with n: ours, streamed, runs the model over the n samples twice (passes 1 and 3, after "
+            "v; pass 2 reread none here), O(n); ours in memory runs it once and does pass 3 on the kept states, "
+            "O(n). dattri's "
             "`cache()` computes the n training gradients once, O(n); its `attribute()` recomputes them, O(n), and "
             "once per training batch of b samples applies the DataInf transform of the test gradients against all "
             "n cached gradients, O(n) each: O(n²/b) in all. So the speed-up grows with n where that term is a "
@@ -417,13 +421,16 @@ def main() -> None:
         f"Reproduce (the environment is described at the top of the script): `{cmd}`",
         "",
         "Two of ours per row. **Streamed** = ours as `automixer score` computes it (`fit_in_memory` + "
-        "`utilities`): the model runs over every batch in each of passes 1, 2 and 3 and nothing is kept between "
-        "passes, so its memory does not grow with n. **In memory** = `fit_and_score_in_memory`, like dattri "
-        "holding all n per-sample gradients: the model runs once per batch and every batch's state (softmax "
-        "residual, hidden states, embedding-output gradients: about tokens × (vocab + 3 hidden) fp32 values) "
-        "is kept for passes 2 and 3, which are then output-layer algebra only. Its utilities equal the streamed "
-        "ones (checked: max abs diff ÷ max abs ≤ 1e-4, same λ); agreement with dattri is given for both. Peak "
-        "memory = growth of the process's peak RSS during one call (the largest of the row's runs).",
+        "`utilities`): the model runs over every batch in pass 1 (norms, v·g and the series sums that give "
+        "Σ c_i g_i without λ) and pass 3 (scores), and in pass 2 over the samples whose coefficient the series "
+        f"does not give to 1e-8 (here: {', '.join(str(r['reread']) for r in rows)} samples in the rows below); "
+        "nothing is kept between passes, so its memory does not grow with n. **In memory** = "
+        "`fit_and_score_in_memory`, keeping state between passes as dattri keeps all n per-sample gradients: "
+        "the model runs once per batch and every batch's hidden states and embedding-output gradients (about "
+        "tokens × 4 hidden fp32 values) are kept; pass 3 recomputes the softmax residual from them (no forward "
+        "or backward through the body). Its utilities equal the streamed ones (checked: max abs diff ÷ max abs "
+        "≤ 1e-4, same λ); agreement with dattri is given for both. Peak memory = growth of the process's peak "
+        "RSS during one call (the largest of the row's runs).",
         "",
         "| model | n | ours, streamed passes: fit + score (s) | ours, in memory: fit + score (s) | dattri: "
         "cache + attribute (s) | speed-up (dattri ÷ ours streamed) | speed-up (dattri ÷ ours in memory) | peak "
@@ -478,8 +485,9 @@ def main() -> None:
         "it every cached gradient keeps an autograd graph back to the model's parameters and n = 1024 ran out of "
         "this machine's 24 GiB. "
         "Ours runs as the scorer does: the model in eval mode with requires_grad off, batches of up to 8192 "
-        "padded tokens grouped by length; streamed: v + pass 1 + pass 2 + pass 3, each pass running the model; "
-        "in memory: v + pass 1 (keeping the batch states) + passes 2 and 3 on the kept states. Timings: median "
+        "padded tokens grouped by length; streamed: v + pass 1 + pass 2 + pass 3, passes 1 and 3 running the "
+        "model on every batch, pass 2 on the samples it rereads; in memory: v + pass 1 (keeping the batch "
+        "states) + passes 2 and 3 on the kept states. Timings: median "
         f"of {args.ours_repeats} runs of each of ours (after one warmup each) and {args.dattri_repeats} of dattri "
         "per row, interleaved (ours' first runs before dattri's, the rest after); tokenization excluded on all "
         "sides.",

@@ -4,8 +4,9 @@ For a batch of samples (right-padded token sequences with a per-token loss weigh
 forward pass and one activation-only backward pass give everything DataInf needs about
 each sample's gradient g_i, without ever materialising g_i for the whole batch:
 
-* output layer W (V x H), logits z_t = W h_t: g_i = sum_t e_t h_t^T with the softmax
-  residual e_t = w_t (softmax(z_t) - onehot(y_t)) and the final hidden state h_t;
+* output layer W (V x H), logits z_t = W h_t: g_i = sum_t e_t (w_t h_t)^T with the softmax
+  residual e_t = softmax(z_t) - onehot(y_t), the loss weight w_t and the final hidden state
+  h_t (the weight rides on the (N, H) side: scaling the (N, V) residual costs a sweep of it);
 * input embedding E (V x H): g_i = sum_t onehot(x_t) delta_t^T, where delta_t is the
   gradient of the sample's loss at the embedding output of position t: one backward pass
   through the body to the inputs (no weight gradients), grouped by token id;
@@ -14,7 +15,10 @@ each sample's gradient g_i, without ever materialising g_i for the whole batch:
 `BatchGrads` then gives per sample: dot products with any layer-shaped matrix (v or r),
 squared norms (the output part either built per sample in vocabulary chunks, or in the
 Gram "ghost" form sum((E E^T) * (H H^T)), whichever costs fewer FLOPs for that sample's
-length), and the weighted sum sum_i c_i g_i into fp64 accumulators.
+length), and weighted sums sum_i c_i g_i (several coefficient vectors at once) into fp64
+accumulators. Where a sample's output-layer gradient was built whole for its norm, it can
+be kept (`keep=`) so that the weighted sums are a (K, B) x (B, V H) product instead of a
+pass over the (N, V) residual.
 
 Only Llama-style heads are supported: logits = W h with no bias, scaling or soft-capping.
 """
@@ -30,6 +34,33 @@ EMBED, OUTPUT, TIED = "embed", "output", "tied"
 CHUNK_ELEMENTS = 1 << 23
 # Elements of one row block of the softmax (8 MB in fp32: stays in cache while it is normalised).
 SOFTMAX_BLOCK_ELEMENTS = 1 << 21
+# Elements of the per-sample output-layer gradients a batch may keep for its weighted sums (1 GiB fp32).
+KEEP_ELEMENTS = 1 << 28
+
+
+class Workspace:
+    """Reusable buffers for a loop that builds one `BatchGrads` at a time (a streamed pass).
+
+    On CPU a fresh buffer of the batch's size (the (N, V) residual: 256 MB for 8192 tokens at vocabulary
+    8192) costs about as much in page faults as the matmul that fills it. A `BatchGrads` built on a
+    workspace is overwritten by the next one built on it: keep none across iterations.
+    """
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.device != torch.device(device):
+            buf = self._bufs[name] = torch.empty(n, device=device)
+        return buf[:n].view(shape)
+
+
+def _buffer(workspace: Workspace | None, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
+    return workspace.take(name, shape, device) if workspace is not None else torch.empty(shape, device=device)
 
 
 def layer_weights(model) -> dict[str, torch.Tensor]:
@@ -57,14 +88,21 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_weight.to(device))
 
+    def select(self, rows: torch.Tensor) -> "Batch":
+        """The samples at `rows` (indices or a bool mask), with the padding no longer needed cut off."""
+        mask = self.attention_mask[rows]
+        width = int(mask.sum(1).max()) if len(mask) else 0
+        return Batch(self.input_ids[rows, :width], mask[:, :width], self.loss_weight[rows, :width])
+
 
 class BatchGrads:
     """The residuals, hidden states and embedding-output gradients of one batch (see module doc)."""
 
     def __init__(self, model, batch: Batch, autocast_dtype: torch.dtype | None = None,
-                 project: tuple[torch.Tensor, ...] = ()):
+                 project: tuple[torch.Tensor, ...] = (), workspace: Workspace | None = None):
         """`project`: layer-shaped matrices m whose output-layer dots will be asked for (e.g. r); their
-        e_t.m products are formed in the same matmul as the backward through the output layer."""
+        e_t.m products are formed in the same matmul as the backward through the output layer.
+        `workspace`: where the (N, V) residual goes (streamed passes; see `Workspace`)."""
         self.layers = layer_weights(model)
         emb_w = model.get_input_embeddings().weight
         out_w = model.get_output_embeddings().weight
@@ -87,23 +125,19 @@ class BatchGrads:
             hidden = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
         h = hidden.detach()[b_idx, t_idx].float()  # (N, H) final (normed) hidden states
         w = out_w.detach().float()
-        # Softmax residual in place (the (N, V) buffer is the batch's largest): e_t = w_t (p_t - onehot(y_t)).
-        # The softmax runs in row blocks that stay in cache: about 2x faster on CPU than a whole-buffer
-        # softmax (a second (N, V) buffer) or separate max/exp/sum/divide sweeps over the whole buffer.
-        resid = h @ w.T
-        for block in resid.split(max(1, SOFTMAX_BLOCK_ELEMENTS // self.vocab)):
-            block.copy_(torch.softmax(block, -1))
-        log_p_target = resid[rows, targets].log()
-        self.loss_per_sample = self._sample_sum(-weight * log_p_target)
+        # Softmax residual e_t = p_t - onehot(y_t), unweighted: the loss weight goes on h, every output-layer
+        # quantity pairing e_t with h_t. release_residual() drops it; it is then recomputed from h when needed.
+        self._w, self._h_raw, self._targets, self._workspace = w, h, targets, workspace
+        resid = self._softmax(h)
+        self.loss_per_sample = self._sample_sum(-weight * resid[rows, targets].log())
         resid[rows, targets] -= 1.0
-        resid.mul_(weight[:, None])
-        self.resid, self.h = resid, h  # e_t (N, V) and h_t (N, H)
+        self.resid, self.h = resid, h * weight[:, None]
 
         mats = [w] + [m.float() for m in project]
         proj = resid @ (torch.cat(mats, 1) if len(mats) > 1 else w)  # e_t W and e_t m: one matmul
         self._projected = {m.data_ptr(): proj[:, (i + 1) * self.hidden:(i + 2) * self.hidden]
                            for i, m in enumerate(project)}
-        grad_out = proj[:, :self.hidden]
+        grad_out = proj[:, :self.hidden] * weight[:, None]
 
         grad_hidden = torch.zeros_like(hidden)
         grad_hidden[b_idx, t_idx] = grad_out.to(hidden.dtype)
@@ -114,8 +148,34 @@ class BatchGrads:
         self.delta = delta[self.e_b, e_t].float()  # (M, H)
         self.e_tok = ids[self.e_b, e_t]
         self._groups = None
+        self._kept = None  # (samples, V H): output-layer gradients kept by sq_norms_and_dots(keep=...)
+        self._kept_of: list[int] = []  # the sample of each kept row
 
     # ---------------------------------------------------------------- helpers
+
+    def _softmax(self, h: torch.Tensor) -> torch.Tensor:
+        """softmax(h W^T) into the workspace's (or a new) (N, V) buffer, the batch's largest. It runs in row
+        blocks that stay in cache: about 2x faster on CPU than a whole-buffer softmax (a second (N, V)
+        buffer) or separate max/exp/sum/divide sweeps over the whole buffer."""
+        p = torch.mm(h, self._w.T, out=_buffer(self._workspace, "resid", (len(h), self.vocab), h.device))
+        for block in p.split(max(1, SOFTMAX_BLOCK_ELEMENTS // self.vocab)):
+            block.copy_(torch.softmax(block, -1))
+        return p
+
+    def _residual(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """e_t for all predicted rows, or for `rows` (a bool mask): kept, or recomputed after release_residual()."""
+        if self.resid is not None:
+            return self.resid if rows is None else self.resid[rows]
+        h, targets = (self._h_raw, self._targets) if rows is None else (self._h_raw[rows], self._targets[rows])
+        e = self._softmax(h)
+        e[torch.arange(len(h), device=h.device), targets] -= 1.0
+        return e
+
+    def release_residual(self) -> None:
+        """Frees the (N, V) residual (tokens x vocabulary floats) of a BatchGrads that is kept for later
+        dots / accumulate: they recompute it from the kept hidden states (one (N, H) x (H, V) product) into
+        the workspace given at construction. What stays is about tokens x 4 hidden floats."""
+        self.resid, self._projected = None, {}
 
     def _sample_sum(self, per_row: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         index = self.sample_of_row if index is None else index
@@ -144,16 +204,23 @@ class BatchGrads:
 
     def sq_norms(self, mode: str = "auto") -> dict[str, torch.Tensor]:
         """Per sample and layer: ||g_il||^2. mode: 'auto' | 'explicit' | 'ghost' (output part)."""
-        return self._sq_norms(mode, None)[0]
+        return self._sq_norms(mode, None, None)[0]
 
-    def sq_norms_and_dots(self, mats: dict[str, torch.Tensor],
-                          mode: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def sq_norms_and_dots(self, mats: dict[str, torch.Tensor], mode: str = "auto",
+                          keep: Workspace | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """sq_norms(mode) and dots(mats) at once (pass 1, mats = v). Where a sample's output-layer gradient
         is built explicitly for its norm, its dot with the output part of mats is read off that gradient
-        (V H multiply-adds per sample) instead of dots()'s (N, V) x (V, H) product over the batch."""
+        (V H multiply-adds per sample) instead of dots()'s (N, V) x (V, H) product over the batch.
+
+        keep: where a sample's output-layer gradient is built whole (it fits one chunk), keep it in a buffer
+        of this workspace for the next `accumulate` (which then needs no pass over the residual); the
+        buffer is reused by the next batch, so call `drop_kept()` once the sums are made."""
         out = next(((k, m) for k, m in mats.items() if k in (OUTPUT, TIED)), None)
-        sq, out_dot = self._sq_norms(mode, None if out is None else out[1].float())
+        sq, out_dot = self._sq_norms(mode, None if out is None else out[1].float(), keep)
         return sq, self._dots(mats, {} if out is None else {out[0]: out_dot})
+
+    def drop_kept(self) -> None:
+        self._kept, self._kept_of = None, []
 
     def _dots(self, mats: dict[str, torch.Tensor], known_out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """dots(); known_out: output-layer parts already computed, by layer name."""
@@ -165,28 +232,37 @@ class BatchGrads:
                 total += known_out[name]
             elif name in (OUTPUT, TIED):
                 em = self._projected.get(mats[name].data_ptr())
-                em = self.resid @ m if em is None else em  # e_t . (m h_t) = (e_t m) . h_t
+                em = self._residual() @ m if em is None else em  # e_t . (m h_t) = (e_t m) . h_t
                 total += self._sample_sum((em * self.h).sum(-1))
             if name in (EMBED, TIED):
                 total += self._sample_sum((m[self.e_tok] * self.delta).sum(-1), self.e_b)
             out[name] = total
         return out
 
-    def _sq_norms(self, mode: str, m_out: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """sq_norms(mode), and with m_out (output-layer shaped) each sample's <m_out, output part of g_i>."""
+    def _sq_norms(self, mode: str, m_out: torch.Tensor | None,
+                  keep: Workspace | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """sq_norms(mode), and with m_out (output-layer shaped) each sample's <m_out, output part of g_i>;
+        keep: see sq_norms_and_dots."""
         out_sq = torch.zeros(self.B, device=self.h.device)
         out_dot = None if m_out is None else torch.zeros(self.B, device=self.h.device)
+        size, step = self.vocab * self.hidden, max(1, CHUNK_ELEMENTS // self.hidden)
+        slots = min(self.B, KEEP_ELEMENTS // size) if keep is not None and step >= self.vocab else 0
+        kept = _buffer(keep, "kept", (slots, size), self.h.device) if slots else None
+        self._kept_of, resid = [], self._residual()
         for b, seg in self._segments():
             n = seg.stop - seg.start
             if n == 0:
                 continue
-            e, h = self.resid[seg], self.h[seg]
+            e, h = resid[seg], self.h[seg]
             explicit_cost = self.vocab * self.hidden * (n + 1)
             ghost_cost = n * n * (self.vocab + self.hidden)
             if mode == "explicit" or (mode == "auto" and explicit_cost <= ghost_cost):
-                step = max(1, CHUNK_ELEMENTS // self.hidden)
                 for lo in range(0, self.vocab, step):
-                    g = (e[:, lo:lo + step].T @ h).view(-1)
+                    if len(self._kept_of) < slots:  # the whole gradient, kept for accumulate
+                        g = torch.mm(e.T, h, out=kept[len(self._kept_of)].view(self.vocab, self.hidden)).view(-1)
+                        self._kept_of.append(b)
+                    else:
+                        g = (e[:, lo:lo + step].T @ h).view(-1)
                     out_sq[b] += g.dot(g)  # no (V, H) temporary for g * g
                     if m_out is not None:
                         out_dot[b] += g.dot(m_out[lo:lo + step].reshape(-1))
@@ -194,6 +270,7 @@ class BatchGrads:
                 out_sq[b] = ((e @ e.T) * (h @ h.T)).sum()
                 if m_out is not None:
                     out_dot[b] = ((e @ m_out) * h).sum()
+        self._kept = kept[:len(self._kept_of)] if self._kept_of else None
         s_b, _, rows = self._embedding_rows()
         emb_sq = self._sample_sum((rows * rows).sum(-1), s_b)
         if EMBED in self.layers:
@@ -203,27 +280,47 @@ class BatchGrads:
     def _tied_cross(self) -> torch.Tensor:
         """<embedding part, output part> of each sample's tied gradient: only its own tokens' rows meet."""
         s_b, s_tok, rows = self._embedding_rows()
-        cross = torch.zeros(self.B, device=self.h.device)
+        cross, resid = torch.zeros(self.B, device=self.h.device), self._residual()
         for b, seg in self._segments():
             sel = s_b == b
             if seg.stop == seg.start or not bool(sel.any()):
                 continue
-            out_rows = self.resid[seg][:, s_tok[sel]].T @ self.h[seg]  # output gradient at those tokens
+            out_rows = resid[seg][:, s_tok[sel]].T @ self.h[seg]  # output gradient at those tokens
             cross[b] = (out_rows * rows[sel]).sum()
         return cross
 
     def accumulate(self, coeff: torch.Tensor, acc: dict[str, torch.Tensor]) -> None:
-        """acc_l += sum_i coeff_i * g_il (acc in fp64; the batch's sum is formed in fp32)."""
-        coeff = coeff.to(self.h.device, torch.float32)
+        """acc_l += sum_i coeff_i * g_il (acc in fp64; the batch's sum is formed in fp32).
+
+        coeff (B,) with layer-shaped acc_l, or (K, B) with acc_l of shape (K, *layer): K sums at once.
+        Samples whose coefficients are all zero cost nothing."""
+        c = coeff.to(self.h.device, torch.float32).reshape(-1, self.B)
+        K = len(c)
         for name, a in acc.items():
-            part = torch.zeros(a.shape, dtype=torch.float32, device=self.h.device)
+            part = torch.zeros((K, *a.shape[-2:]), dtype=torch.float32, device=self.h.device)
             if name in (OUTPUT, TIED):
-                # sum_t c_t e_t h_t^T with c_t on the (N, H) side: scaling e instead would write an (N, V) copy
-                # (2x slower at vocabulary 8192).
-                part += self.resid.T @ (self.h * coeff[self.sample_of_row, None])
+                self._accumulate_output(c, part.view(K, -1))
             if name in (EMBED, TIED):
-                part.index_add_(0, self.e_tok, self.delta * coeff[self.e_b, None])
-            a += part.to(a.device, a.dtype)
+                for k in range(K):
+                    part[k].index_add_(0, self.e_tok, self.delta * c[k, self.e_b, None])
+            a.view(part.shape).add_(part.to(a.device, a.dtype))
+
+    def _accumulate_output(self, c: torch.Tensor, out: torch.Tensor) -> None:
+        """out (K, V H) += sum_i c_ki g_i(output part): kept gradients by one product, the rest from e and h."""
+        rest = (c != 0).any(0)
+        if self._kept is not None:
+            kept_of = torch.tensor(self._kept_of, device=c.device)
+            out += c[:, kept_of] @ self._kept
+            rest[kept_of] = False
+        if not bool(rest.any()):
+            return
+        rows = rest[self.sample_of_row]
+        e, h, s = ((self._residual(), self.h, self.sample_of_row) if bool(rows.all())
+                   else (self._residual(rows), self.h[rows], self.sample_of_row[rows]))
+        # sum_t c_t e_t h_t^T with c_t on the (N, H) side: scaling e instead would write an (N, V) copy
+        # (2x slower at vocabulary 8192). The K sums share one pass over e.
+        hc = (c.T[s][:, :, None] * h[:, None, :]).reshape(len(h), -1)  # (N, K H)
+        out += (e.T @ hc).view(self.vocab, len(c), self.hidden).transpose(0, 1).reshape(len(c), -1)
 
 
 class _Null:

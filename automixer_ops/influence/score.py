@@ -4,17 +4,20 @@ Layout under `<run>/scores/step=<N>/` (DESIGN §3):
 
     fit.safetensors, fit.json   r_l and v_l per layer; lambda_l, n, the fit's fingerprint
     part-XXXXX.parquet          id, utility (float32), n_tokens: one file per corpus shard
-    .fit/                       the fit's own resumable work: pass-1 statistics per shard
-                                and a pass-2 accumulator checkpoint
+    .fit/                       the fit's own resumable work: pass-1 statistics per shard,
+                                checkpoints of the pass-1 and pass-2 sums
 
 Passes over the data (DESIGN §2: lambda needs every ||g||^2, r needs lambda):
   0. the sampler's validation gradient v (its tasks' validation pairs, each task weighted
      equally, each document's loss the mean CE of its gold continuation);
-  1. fit set: per document ||g_l||^2 and v_l.g_l  -> lambda_l  (resumable per shard);
-  2. fit set: sum_i c_il g_il                      -> r_l       (checkpointed every minute);
+  1. fit set: per document ||g_l||^2 and v_l.g_l -> lambda_l, and the series sums that give
+     sum_i c_il g_il without lambda (datainf.py)   (checkpointed every minute);
+  2. the fit documents whose coefficient the series does not give to 1e-8 (usually none):
+     the rest of sum_i c_il g_il -> r_l            (checkpointed every minute);
   3. corpus: utility = sum_l r_l.g_l               (one independent job per shard).
-With the default fit set (the whole corpus) the corpus is read three times; with
-`influence.fit_samples: N` passes 1-2 read only N documents.
+With the default fit set (the whole corpus) the corpus is read twice (and pass 2 rereads
+the few documents it needs); with `influence.fit_samples: N` passes 1-2 read only N
+documents.
 
 Every file is written to a temporary name and renamed into place; a score shard carries
 the fit's fingerprint, so a shard scored with another fit is redone, and a finished one is
@@ -39,6 +42,7 @@ from automixer_ops.errors import AutomixerError, ConfigError
 from automixer_ops.rundir import RunDir, atomic_write_text, fsync_file, read_marker
 
 FIT_JSON, FIT_TENSORS, WORK = "fit.json", "fit.safetensors", ".fit"
+WORK_FORMAT = "series-1"  # layout of WORK's files: work left by another layout is not resumed
 CHECKPOINT_EVERY_S = 60.0
 
 
@@ -190,9 +194,8 @@ class Scorer:
 
     def fit(self, force: bool = False):
         """Passes 0-2; returns the Fit (loaded when already done with the same inputs)."""
-        from automixer_ops.influence.datainf import (coefficients, damping, finish, weighted_gradient_sum,
-                                                     zeros_like_layers)
-        from automixer_ops.influence.grads import BatchGrads
+        from automixer_ops.influence.datainf import SeriesSums, damping, finish, weighted_gradient_sum
+        from automixer_ops.influence.grads import BatchGrads, Workspace
 
         fp = self.fingerprint()
         done = self.read_fit_json()
@@ -202,11 +205,11 @@ class Scorer:
         if done is not None:
             self.log(f"step {self.sampler.step}: inputs changed since the last fit; refitting and rescoring")
             self.remove_outputs()
-        work = self.out / WORK
-        if (work / "fingerprint").is_file() and (work / "fingerprint").read_text() != fp:
+        work, work_id = self.out / WORK, f"{fp} {WORK_FORMAT}"
+        if (work / "fingerprint").is_file() and (work / "fingerprint").read_text() != work_id:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(work / "fingerprint", fp)
+        atomic_write_text(work / "fingerprint", work_id)
 
         t0 = time.perf_counter()
         v = weighted_gradient_sum(self.model, self.validation_batches(), autocast_dtype=self.autocast)
@@ -215,67 +218,76 @@ class Scorer:
         self.log(f"step {self.sampler.step}: validation gradient of {', '.join(self.sampler.tasks)} "
                  f"({time.perf_counter() - t0:.1f} s)")
 
-        # Pass 1, resumable per shard. Only the sums stay in memory: pass 2 rereads each shard's statistics.
-        names = list(v)
-        n, sum_sq = 0, {k: 0.0 for k in names}
-        for i in range(len(self.shards)):
-            path = work / f"stats-{i:05d}.parquet"
-            if not path.is_file():
-                self._pass1_shard(i, v, path)
-            s = _read_stats(path)
-            n += len(s["id"])
-            for k in names:
-                sum_sq[k] += float(s[f"sq_{k}"].astype(np.float64).sum())
+        # Pass 1: statistics per shard, the series sums checkpointed every minute with the next shard to do.
+        import torch
+
+        names, ws = list(v), Workspace()
+        series = SeriesSums(self.model)
+        ckpt1 = work / "pass1.pt"
+        state = torch.load(ckpt1, map_location=self.device) if ckpt1.is_file() else None
+        if state is not None:
+            series.load_state_dict(state["series"])
+        last_save = time.perf_counter()
+        for i in range(state["next_shard"] if state else 0, len(self.shards)):
+            self._pass1_shard(i, v, series, ws, work / f"stats-{i:05d}.parquet")
+            if time.perf_counter() - last_save > CHECKPOINT_EVERY_S or i == len(self.shards) - 1:
+                _atomic_torch_save({"series": series.state_dict(), "next_shard": i + 1}, ckpt1)
+                last_save = time.perf_counter()
+        n, sum_sq = series.n, series.sum_sq
         if n == 0:
             raise AutomixerError("the fit set is empty")
         lam = damping(sum_sq, n, {k: v[k].numel() for k in names})
         self.log(f"step {self.sampler.step}: pass 1 done, n={n:,}, lambda " +
                  ", ".join(f"{k}={lam[k]:.3e}" for k in names))
 
-        # Pass 2, with a checkpoint of the fp64 accumulator every minute.
-        import torch
-
-        ckpt = work / "pass2.pt"
-        state = torch.load(ckpt, map_location=self.device) if ckpt.is_file() else None
-        c_sum = state["c_sum"] if state else zeros_like_layers(self.model)
-        start = state["next_shard"] if state else 0
-        last_save = time.perf_counter()
-        for i in range(start, len(self.shards)):
-            docs = self.read_shard(i, fit_only=True)
+        # Pass 2: only the documents with a remainder; the fp64 sum checkpointed every minute.
+        ckpt2 = work / "pass2.pt"
+        state = torch.load(ckpt2, map_location=self.device) if ckpt2.is_file() else None
+        c_sum = state["c_sum"] if state else series.combine(lam)
+        last_save, reread = time.perf_counter(), state["reread"] if state else 0
+        for i in range(state["next_shard"] if state else 0, len(self.shards)):
             s = _read_stats(work / f"stats-{i:05d}.parquet")
-            if [d.id for d in docs] != s["id"].tolist():
-                raise AutomixerError(f"{self.shards[i]}: changed since pass 1 of the fit; rerun with --force")
-            coeff = coefficients(_stats_obj(s, names), lam)
-            for idx, batch in self.batches(docs):
-                bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast)
-                for k in names:
-                    bg.accumulate(coeff[k][idx], {k: c_sum[k]})
+            rem = {k: t.numpy() for k, t in series.remainders(_stats_obj(s, names), lam).items()}
+            need = np.flatnonzero(np.any([rem[k] != 0 for k in names], axis=0))
+            if len(need):
+                docs = self.read_shard(i, fit_only=True)
+                if [d.id for d in docs] != s["id"].tolist():
+                    raise AutomixerError(f"{self.shards[i]}: changed since pass 1 of the fit; rerun with --force")
+                docs = [docs[j] for j in need]
+                for idx, batch in self.batches(docs):
+                    bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast, workspace=ws)
+                    for k in names:
+                        bg.accumulate(torch.from_numpy(rem[k][need[idx]]), {k: c_sum[k]})
+                reread += len(need)
             if time.perf_counter() - last_save > CHECKPOINT_EVERY_S or i == len(self.shards) - 1:
-                _atomic_torch_save({"c_sum": c_sum, "next_shard": i + 1}, ckpt)
+                _atomic_torch_save({"c_sum": c_sum, "next_shard": i + 1, "reread": reread}, ckpt2)
                 last_save = time.perf_counter()
-        fit = finish(v, c_sum, n, lam, sum_sq)
+        self.log(f"step {self.sampler.step}: pass 2 reread {reread:,} of {n:,} fit documents")
+        fit = finish(v, c_sum, n, lam, sum_sq, reread)
         _check_finite(fit.r, "r (the fit)", self.sampler.step)
         self.write_fit(fit, fp)
         self.log(f"step {self.sampler.step}: fit done in {time.perf_counter() - t0:.1f} s -> {self.out / FIT_JSON}")
         return fit
 
-    def _pass1_shard(self, i: int, v, path: Path) -> None:
+    def _pass1_shard(self, i: int, v, series, ws, path: Path) -> None:
+        """Statistics of shard i's fit documents to `path`, their series terms into `series` (in memory: the
+        caller checkpoints it after the shard; a shard that fails leaves only the last checkpoint)."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
         import torch
 
-        from automixer_ops.influence.grads import BatchGrads
+        from automixer_ops.influence.datainf import pass1_batch
 
         docs = self.read_shard(i, fit_only=True)
-        cols = {f"{p}_{k}": np.zeros(len(docs), np.float32) for k in v for p in ("sq", "vdot")}
+        cols = {f"{p}_{k}": np.zeros(len(docs), bool if p == "series" else np.float32)
+                for k in v for p in ("sq", "vdot", "series")}
         t0, bad = time.perf_counter(), []
         for idx, batch in self.batches(docs):
-            bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast)
-            sq, dots = bg.sq_norms_and_dots(v, self.inf.norm_mode)
+            st, _ = pass1_batch(self.model, batch, v, series, ws, self.inf.norm_mode, autocast_dtype=self.autocast)
             for k in v:
-                cols[f"sq_{k}"][idx] = sq[k].cpu().numpy()
-                cols[f"vdot_{k}"][idx] = dots[k].cpu().numpy()
-            bad += _nonfinite_ids(torch.stack([*sq.values(), *dots.values()]), [docs[j].id for j in idx])
+                cols[f"sq_{k}"][idx] = st.sq[k].cpu().numpy()
+                cols[f"vdot_{k}"][idx] = st.vdot[k].cpu().numpy()
+                cols[f"series_{k}"][idx] = st.in_series[k].cpu().numpy()
+            bad += _nonfinite_ids(torch.stack([*st.sq.values(), *st.vdot.values()]), [docs[j].id for j in idx])
         _raise_if_bad(bad, self.shards[i], "gradient")
         table = pa.table({"id": pa.array([d.id for d in docs], pa.string()), **cols})
         _write_parquet(table, path, {})
@@ -299,7 +311,7 @@ class Scorer:
         os.replace(tmp, self.out / FIT_TENSORS)
         info = {"fingerprint": fp, "step": self.sampler.step, "tasks": self.sampler.tasks,
                 "checkpoint": str(self.sampler.checkpoint), "n": fit.n, "layers": list(fit.r),
-                "dims": fit.dims, "lambda": fit.lam, "sum_sq_norm": fit.sum_sq,
+                "dims": fit.dims, "lambda": fit.lam, "sum_sq_norm": fit.sum_sq, "pass2_reread": fit.reread,
                 "settings": asdict(self.inf), "seed": self.cfg.run.seed,
                 "formula": "utility = sum_l r_l . g_l ; r_l = (v_l - mean_i c_il g_il) / lambda_l"}
         atomic_write_text(self.out / FIT_JSON, json.dumps(info, indent=2) + "\n")  # written last: the marker
@@ -312,7 +324,8 @@ class Scorer:
         info = self.read_fit_json()
         t = load_file(str(self.out / FIT_TENSORS), device=str(self.device))
         return Fit(n=info["n"], dims=info["dims"], lam=info["lambda"], sum_sq=info["sum_sq_norm"],
-                   r={k: t[f"r.{k}"] for k in info["layers"]}, v={k: t[f"v.{k}"] for k in info["layers"]})
+                   r={k: t[f"r.{k}"] for k in info["layers"]}, v={k: t[f"v.{k}"] for k in info["layers"]},
+                   reread=info.get("pass2_reread", 0))
 
     def remove_outputs(self) -> None:
         for p in list(self.out.glob("part-*.parquet")) + [self.out / FIT_JSON, self.out / FIT_TENSORS]:
@@ -327,8 +340,10 @@ class Scorer:
 
         from automixer_ops.influence.grads import BatchGrads
 
+        from automixer_ops.influence.grads import Workspace
+
         fp = self.read_fit_json()["fingerprint"]
-        scored = 0
+        scored, ws = 0, Workspace()
         for i in shards:
             path = self.out / self.shards[i].name
             if path.is_file() and _parquet_meta(path).get("fit") == fp:
@@ -337,7 +352,8 @@ class Scorer:
             docs = self.read_shard(i)
             util, bad = np.zeros(len(docs), np.float32), []
             for idx, batch in self.batches(docs):
-                bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast, project=self.projected(fit))
+                bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast, project=self.projected(fit),
+                                workspace=ws)
                 u = sum(bg.dots(fit.r).values())
                 bad += _nonfinite_ids(u[None], [docs[j].id for j in idx])
                 util[idx] = u.cpu().numpy()
@@ -436,7 +452,8 @@ def _stats_obj(s: dict, names: list[str]):
     from automixer_ops.influence.datainf import SampleStats
 
     return SampleStats(sq={k: torch.tensor(s[f"sq_{k}"]) for k in names},
-                       vdot={k: torch.tensor(s[f"vdot_{k}"]) for k in names})
+                       vdot={k: torch.tensor(s[f"vdot_{k}"]) for k in names},
+                       in_series={k: torch.tensor(s[f"series_{k}"]) for k in names})
 
 
 def _write_parquet(table, path: Path, meta: dict) -> None:
