@@ -109,11 +109,11 @@ class SeriesSums:
     def add(self, bg: BatchGrads, sq: dict[str, torch.Tensor], vdot: dict[str, torch.Tensor]) -> SampleStats:
         """Adds one batch (its pass-1 statistics, its kept gradients); returns the batch's SampleStats."""
         self.n += bg.B
-        in_series = {}
         for k in self.sums:
+            self.sum_sq[k] += float(sq[k].double().sum())
+        in_series = {}
+        for k, lam in self.damping().items():  # the running lambda
             b, a = sq[k].double(), vdot[k].double()
-            self.sum_sq[k] += float(b.sum())
-            lam = damping({k: self.sum_sq[k]}, self.n, self.dims)[k]
             if self.lam_ref[k] is None and lam > 0:
                 self.lam_ref[k] = lam
             ok = (b > 0) & (lam <= self.defer_ratio * b) & torch.isfinite(a) & torch.isfinite(b)
@@ -125,6 +125,10 @@ class SeriesSums:
             in_series[k] = ok
         bg.drop_kept()
         return SampleStats(sq=dict(sq), vdot=dict(vdot), in_series=in_series)
+
+    def damping(self) -> dict[str, float]:
+        """lambda_l of the samples added so far."""
+        return damping(self.sum_sq, self.n, self.dims)
 
     def combine(self, lam: dict[str, float]) -> dict[str, torch.Tensor]:
         """sum_i c_il g_il over the series samples, up to a relative rho_i^K in each c_il (fp64)."""
@@ -254,11 +258,9 @@ def _mean_gradient(model, val: Iterable[tuple[Batch, torch.Tensor]], **kw) -> di
 
 def _fit_from_stats(v: dict[str, torch.Tensor], stats: SampleStats, series: SeriesSums, sizes: list[int],
                     reread) -> Fit:
-    """lambda from pass 1's stats, sum_i c_i g_i from its series sums plus pass 2: `reread(batch, rows)` gives
-    the gradients of those samples (a bool mask) of fit batch number `batch` (sizes: the batches' sizes)."""
-    n = len(stats)
-    sum_sq = {k: float(t.double().sum()) for k, t in stats.sq.items()}
-    lam = damping(sum_sq, n, {k: t.numel() for k, t in v.items()})
+    """lambda and sum_i c_i g_i from pass 1's series sums, plus pass 2: `reread(batch, rows)` gives the gradients
+    of those samples (a bool mask) of fit batch number `batch` (sizes: the batches' sizes)."""
+    lam = series.damping()
     c_sum, rem, start, count = series.combine(lam), series.remainders(stats, lam), 0, 0
     for i, size in enumerate(sizes):
         part = {k: r[start:start + size] for k, r in rem.items()}
@@ -269,7 +271,7 @@ def _fit_from_stats(v: dict[str, torch.Tensor], stats: SampleStats, series: Seri
             for k in c_sum:  # each layer has its own coefficients
                 bg.accumulate(part[k][rows], {k: c_sum[k]})
             count += int(rows.sum())
-    return finish(v, c_sum, n, lam, sum_sq, count)
+    return finish(v, c_sum, series.n, lam, series.sum_sq, count)
 
 
 def utilities(model, batches: Iterable[Batch], fit: Fit, **kw) -> torch.Tensor:

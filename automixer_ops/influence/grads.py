@@ -25,6 +25,7 @@ Only Llama-style heads are supported: logits = W h with no bias, scaling or soft
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +51,7 @@ class Workspace:
         self._bufs: dict[str, torch.Tensor] = {}
 
     def take(self, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < n or buf.device != torch.device(device):
             buf = self._bufs[name] = torch.empty(n, device=device)

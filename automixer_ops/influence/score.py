@@ -194,7 +194,7 @@ class Scorer:
 
     def fit(self, force: bool = False):
         """Passes 0-2; returns the Fit (loaded when already done with the same inputs)."""
-        from automixer_ops.influence.datainf import SeriesSums, damping, finish, weighted_gradient_sum
+        from automixer_ops.influence.datainf import SeriesSums, finish, weighted_gradient_sum
         from automixer_ops.influence.grads import BatchGrads, Workspace
 
         fp = self.fingerprint()
@@ -233,10 +233,10 @@ class Scorer:
             if time.perf_counter() - last_save > CHECKPOINT_EVERY_S or i == len(self.shards) - 1:
                 _atomic_torch_save({"series": series.state_dict(), "next_shard": i + 1}, ckpt1)
                 last_save = time.perf_counter()
-        n, sum_sq = series.n, series.sum_sq
+        n = series.n
         if n == 0:
             raise AutomixerError("the fit set is empty")
-        lam = damping(sum_sq, n, {k: v[k].numel() for k in names})
+        lam = series.damping()
         self.log(f"step {self.sampler.step}: pass 1 done, n={n:,}, lambda " +
                  ", ".join(f"{k}={lam[k]:.3e}" for k in names))
 
@@ -263,7 +263,7 @@ class Scorer:
                 _atomic_torch_save({"c_sum": c_sum, "next_shard": i + 1, "reread": reread}, ckpt2)
                 last_save = time.perf_counter()
         self.log(f"step {self.sampler.step}: pass 2 reread {reread:,} of {n:,} fit documents")
-        fit = finish(v, c_sum, n, lam, sum_sq, reread)
+        fit = finish(v, c_sum, n, lam, series.sum_sq, reread)
         _check_finite(fit.r, "r (the fit)", self.sampler.step)
         self.write_fit(fit, fp)
         self.log(f"step {self.sampler.step}: fit done in {time.perf_counter() - t0:.1f} s -> {self.out / FIT_JSON}")
