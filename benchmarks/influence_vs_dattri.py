@@ -16,7 +16,8 @@ Wall time = fit + scoring of the n samples (tokenization excluded on both sides)
   ours, in memory (like dattri, which keeps all n per-sample gradients)
           fit_and_score_in_memory: v, then the model runs once per batch (pass 1) and every
           batch's hidden states and embedding-output gradients are kept (about tokens x 4
-          hidden floats); passes 2 and 3 recompute the softmax residual from them, no model run
+          hidden floats), with the per-sample output-layer gradients pass 1 built for their
+          norms (V x H floats a sample, up to 2 GiB); passes 2 and 3 read those, no model run
   dattri  attributor.cache(train) + attributor.attribute(train, test), then the mean over
           the test columns (every DataInf quantity is linear in v, so this equals scoring
           against the mean test gradient)
@@ -427,8 +428,9 @@ def main() -> None:
         "nothing is kept between passes, so its memory does not grow with n. **In memory** = "
         "`fit_and_score_in_memory`, keeping state between passes as dattri keeps all n per-sample gradients: "
         "the model runs once per batch and every batch's hidden states and embedding-output gradients (about "
-        "tokens × 4 hidden fp32 values) are kept; pass 3 recomputes the softmax residual from them (no forward "
-        "or backward through the body). Its utilities equal the streamed ones (checked: max abs diff ÷ max abs "
+        "tokens × 4 hidden fp32 values) are kept, with the per-sample output-layer gradients that pass 1 builds "
+        "for their norms (V × H fp32 values a sample, up to 2 GiB in all); pass 3 reads them (no forward or "
+        "backward through the body, no softmax). Its utilities equal the streamed ones (checked: max abs diff ÷ max abs "
         "≤ 1e-4, same λ); agreement with dattri is given for both. Peak memory = growth of the process's peak "
         "RSS during one call (the largest of the row's runs).",
         "",
@@ -487,7 +489,7 @@ def main() -> None:
         "Ours runs as the scorer does: the model in eval mode with requires_grad off, batches of up to 8192 "
         "padded tokens grouped by length; streamed: v + pass 1 + pass 2 + pass 3, passes 1 and 3 running the "
         "model on every batch, pass 2 on the samples it rereads; in memory: v + pass 1 (keeping the batch "
-        "states) + passes 2 and 3 on the kept states. Timings: median "
+        "states and output-layer gradients) + passes 2 and 3 on the kept states. Timings: median "
         f"of {args.ours_repeats} runs of each of ours (after one warmup each) and {args.dattri_repeats} of dattri "
         "per row, interleaved (ours' first runs before dattri's, the rest after); tokenization excluded on all "
         "sides.",

@@ -95,16 +95,24 @@ def test_fit_and_utilities_match_the_per_sample_reference(tied):
     assert list(fit.lam) == (["tied"] if tied else ["embed", "output"])
 
 
+@pytest.mark.parametrize("keep", [None, 1, 0], ids=["kept", "first-batch-kept", "none-kept"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_fit_and_score_in_memory_equals_the_streamed_passes(tied):
+def test_fit_and_score_in_memory_equals_the_streamed_passes(tied, keep, monkeypatch):
+    """keep: the in-memory budget of kept output-layer gradients (default; 1 = only the first batch keeps its
+    gradients; 0 = none, every dot from the recomputed residual)."""
+    from automixer_ops.influence import datainf
     from automixer_ops.influence.grads import BatchGrads
 
+    if keep is not None:
+        monkeypatch.setattr(datainf, "KEEP_IN_MEMORY_ELEMENTS", keep)
+    kept_rows, kept_dots = [], BatchGrads._kept_dots
+    monkeypatch.setattr(BatchGrads, "_kept_dots", lambda bg, m: kept_rows.append(len(bg._kept)) or kept_dots(bg, m))
     model = tiny_llama(tied)
     fit_seqs = random_samples(61, [5, 9, 33, 2, 12, 8, 3, 21, 17, 6], seed=1)
     val_seqs = random_samples(61, [7, 12, 6, 15], seed=2)
     val = [(make_batch(val_seqs, [4, 6, 2, 14]), torch.tensor([0.125, 0.125, 0.25, 0.5]))]
     batches = [make_batch([fit_seqs[i] for i in grp], [1] * len(grp))
-               for grp in length_batches([len(s) for s in fit_seqs], batch_tokens=3 * 33)]
+               for grp in length_batches([len(s) for s in fit_seqs], batch_tokens=2 * 33)]  # [33, 21], [17, 12, 9], ...
     fit = fit_in_memory(model, val, batches)
     u = utilities(model, batches, fit)
     kept_fit, kept_u = fit_and_score_in_memory(model, val, batches)
@@ -113,6 +121,9 @@ def test_fit_and_score_in_memory_equals_the_streamed_passes(tied):
         assert kept_fit.lam[name] == pytest.approx(fit.lam[name], rel=1e-5)
         torch.testing.assert_close(kept_fit.r[name], fit.r[name], rtol=1e-5, atol=1e-5 * float(fit.r[name].abs().max()))
     torch.testing.assert_close(kept_u, u, rtol=1e-5, atol=1e-5 * float(u.abs().max()))
+    # Scored from kept gradients: the samples of length 33, 21 and 17, long enough to have theirs built whole for
+    # their norms (the others take the Gram form); with budget 1, those of the first batch; with 0, none.
+    assert kept_rows == {None: [2, 1], 1: [2], 0: []}[keep]
     # The kept states carry no autograd graph (the model's weights need no gradient here either).
     bg = BatchGrads(model.requires_grad_(True), batches[0])
     assert all(t.grad_fn is None and not t.requires_grad for t in vars(bg).values() if torch.is_tensor(t))

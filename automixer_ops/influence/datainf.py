@@ -40,6 +40,9 @@ SERIES_MAX_RATIO = 1e-4  # rho_i up to which the series is used for sample i (re
 # During pass 1: a sample whose rho against the running lambda exceeds this is left out of the sums (its
 # terms would swamp the fp32 batch sums) and reread by pass 2.
 SERIES_DEFER_RATIO = 1e-2
+# fit_and_score_in_memory: batches keep their per-sample output-layer gradients while fewer than this many
+# elements are kept (2 GiB fp32; a batch keeps at most grads.KEEP_ELEMENTS more).
+KEEP_IN_MEMORY_ELEMENTS = 1 << 29
 
 
 @dataclass
@@ -123,7 +126,6 @@ class SeriesSums:
                                      for j in range(self.terms)])
                 bg.accumulate(coeff, {k: self.sums[k]})
             in_series[k] = ok
-        bg.drop_kept()
         return SampleStats(sq=dict(sq), vdot=dict(vdot), in_series=in_series)
 
     def damping(self) -> dict[str, float]:
@@ -164,10 +166,15 @@ class SeriesSums:
 
 
 def pass1_batch(model, batch: Batch, v: dict[str, torch.Tensor], series: SeriesSums, ws: Workspace,
-                mode: str = "auto", **kw) -> tuple[SampleStats, BatchGrads]:
-    """Pass 1 on one batch: its statistics, its terms added to `series`; the BatchGrads is built on `ws`."""
+                mode: str = "auto", keep: Workspace | None = None, **kw) -> tuple[SampleStats, BatchGrads]:
+    """Pass 1 on one batch: its statistics, its terms added to `series`; the BatchGrads is built on `ws`.
+    keep: a workspace of the batch's own in which the BatchGrads keeps its samples' output-layer gradients
+    (those built whole) for later dots and sums; without it they are built in `ws` and dropped."""
     bg = BatchGrads(model, batch, workspace=ws, **kw)
-    return series.add(bg, *bg.sq_norms_and_dots(v, mode, keep=ws)), bg
+    stats = series.add(bg, *bg.sq_norms_and_dots(v, mode, keep=ws if keep is None else keep))
+    if keep is None:
+        bg.drop_kept()
+    return stats, bg
 
 
 def sample_stats(model, batches: Iterable[Batch], v: dict[str, torch.Tensor], mode: str = "auto",
@@ -220,19 +227,23 @@ def fit_and_score_in_memory(model, val: Iterable[tuple[Batch, torch.Tensor]], ba
                             mode: str = "auto", **kw) -> tuple[Fit, torch.Tensor]:
     """fit_in_memory(batches) and utilities(batches) at once, running the model once per batch.
 
-    Each batch's `BatchGrads` is built once, in pass 1, and kept without its (N, V) residual: what stays is
-    about tokens x 4 hidden floats (final hidden states, embedding-output gradients and their per-token
-    sums), e.g. 0.2 GiB for 1024 samples of 128 tokens at hidden 64, where dattri holds all n per-sample
-    gradients (n x layer size). Pass 2 (the remainders; usually none) and pass 3 (r . g_i, by `dots`) then
-    recompute the residual from the kept hidden states (one (N, H) x (H, V) product and a softmax) instead of
-    rerunning the model: no forward or backward through the body. For small n (benchmarks, tests): the
-    streamed step (`automixer score`) cannot keep the corpus's states, and fit_in_memory + utilities is what
-    it computes. Returns the fit and the utilities in input order (fp32).
+    Each batch's `BatchGrads` is built once, in pass 1, and kept without its (N, V) residual: about tokens x 4
+    hidden floats (final hidden states, embedding-output gradients and their per-token sums), plus, up to
+    KEEP_IN_MEMORY_ELEMENTS in all, the per-sample output-layer gradients that pass 1 built whole for their
+    norms (V x H floats a sample: 2 GiB for 1024 samples of the demo proxy; dattri keeps both layers' n
+    per-sample gradients). Pass 2 (the remainders; usually none) and pass 3 (r . g_i, by `dots`) read the kept
+    gradients, and recompute the residual from the kept hidden states (one (N, H) x (H, V) product and a
+    softmax) only for the samples without one: no forward or backward through the body. For small n
+    (benchmarks, tests): the streamed step (`automixer score`) cannot keep the corpus's states, and
+    fit_in_memory + utilities is what it computes. Returns the fit and the utilities in input order (fp32).
     """
     v = _mean_gradient(model, val, **kw)
     series, stats, ws, kept = SeriesSums(model), SampleStats(), Workspace(), []
+    kept_elements = 0
     for batch in batches:
-        st, bg = pass1_batch(model, batch, v, series, ws, mode, **kw)
+        keep = Workspace() if kept_elements < KEEP_IN_MEMORY_ELEMENTS else None  # its own: not reused
+        st, bg = pass1_batch(model, batch, v, series, ws, mode, keep=keep, **kw)
+        kept_elements += bg.kept_elements()
         stats.extend(st)
         bg.release_residual()
         kept.append(bg)
