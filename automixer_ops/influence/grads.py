@@ -172,6 +172,13 @@ class BatchGrads:
         e[torch.arange(len(h), device=h.device), targets] -= 1.0
         return e
 
+    def _rows_of(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """e_t, the weighted h_t and the sample of each predicted row of `samples` (a (B,) bool mask)."""
+        rows = samples[self.sample_of_row]
+        if bool(rows.all()):
+            return self._residual(), self.h, self.sample_of_row
+        return self._residual(rows), self.h[rows], self.sample_of_row[rows]
+
     def release_residual(self) -> None:
         """Frees the (N, V) residual (tokens x vocabulary floats) of a BatchGrads that is kept for later
         dots / accumulate: they recompute it from the kept hidden states (one (N, H) x (H, V) product) into
@@ -254,12 +261,8 @@ class BatchGrads:
             out[kept_of] = self._kept_dots(m)
             rest[kept_of] = False
         if bool(rest.any()):
-            rows = rest[self.sample_of_row]
-            if bool(rows.all()):
-                out += self._sample_sum(((self._residual() @ m) * self.h).sum(-1))
-            else:
-                em = self._residual(rows) @ m
-                out += self._sample_sum((em * self.h[rows]).sum(-1), self.sample_of_row[rows])
+            e, h, s = self._rows_of(rest)
+            out += self._sample_sum(((e @ m) * h).sum(-1), s)
         return out
 
     def _kept_dots(self, m: torch.Tensor) -> torch.Tensor:
@@ -344,9 +347,7 @@ class BatchGrads:
             rest[kept_of] = False
         if not bool(rest.any()):
             return
-        rows = rest[self.sample_of_row]
-        e, h, s = ((self._residual(), self.h, self.sample_of_row) if bool(rows.all())
-                   else (self._residual(rows), self.h[rows], self.sample_of_row[rows]))
+        e, h, s = self._rows_of(rest)
         # sum_t c_t e_t h_t^T with c_t on the (N, H) side: scaling e instead would write an (N, V) copy
         # (2x slower at vocabulary 8192). The K sums share one pass over e.
         hc = (c.T[s][:, :, None] * h[:, None, :]).reshape(len(h), -1)  # (N, K H)
