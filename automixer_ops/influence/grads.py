@@ -250,7 +250,7 @@ class BatchGrads:
         return out
 
     def _output_dots(self, m: torch.Tensor, projected: torch.Tensor | None) -> torch.Tensor:
-        """<m, output part of g_i> per sample: from the kept gradients where there are, else from the residual
+        """<m, output part of g_i> per sample: from the kept gradients where they exist, else from the residual
         as e_t . (m h_t) = (e_t m) . h_t (`projected`: e m, when formed with e W)."""
         if projected is not None:
             return self._sample_sum((projected * self.h).sum(-1))
