@@ -196,8 +196,6 @@ def coefficients(stats: SampleStats, lam: dict[str, float]) -> dict[str, torch.T
     return {k: stats.vdot[k].double() / (lam[k] + stats.sq[k].double()) for k in stats.sq}
 
 
-
-
 def finish(v: dict[str, torch.Tensor], c_sum: dict[str, torch.Tensor], n: int, lam: dict[str, float],
            sum_sq: dict[str, float], reread: int = 0) -> Fit:
     """r_l = (v_l - c_sum_l / n) / lambda_l, with c_sum_l = sum_i c_il g_il (fp64)."""

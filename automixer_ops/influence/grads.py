@@ -150,7 +150,7 @@ class BatchGrads:
         self.e_tok = ids[self.e_b, e_t]
         self._groups = None
         self._kept = None  # (samples, V H): output-layer gradients kept by sq_norms_and_dots(keep=...)
-        self._kept_of: list[int] = []  # the sample of each kept row
+        self._kept_of = None  # (samples,) int64: the sample of each kept row
 
     # ---------------------------------------------------------------- helpers
 
@@ -182,7 +182,8 @@ class BatchGrads:
     def release_residual(self) -> None:
         """Frees the (N, V) residual (tokens x vocabulary floats) of a BatchGrads that is kept for later
         dots / accumulate: they recompute it from the kept hidden states (one (N, H) x (H, V) product) into
-        the workspace given at construction. What stays is about tokens x 4 hidden floats."""
+        the workspace given at construction. What stays is about tokens x 4 hidden floats (and the kept
+        output-layer gradients, if any)."""
         self.resid, self._projected = None, {}
 
     def _sample_sum(self, per_row: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,7 +233,7 @@ class BatchGrads:
         return 0 if self._kept is None else self._kept.numel()
 
     def drop_kept(self) -> None:
-        self._kept, self._kept_of = None, []
+        self._kept, self._kept_of = None, None
 
     def _dots(self, mats: dict[str, torch.Tensor], known_out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """dots(); known_out: output-layer parts already computed, by layer name."""
@@ -257,9 +258,8 @@ class BatchGrads:
         dev = self.h.device
         out, rest = torch.zeros(self.B, device=dev), torch.ones(self.B, dtype=torch.bool, device=dev)
         if self._kept is not None:
-            kept_of = torch.tensor(self._kept_of, device=dev)
-            out[kept_of] = self._kept_dots(m)
-            rest[kept_of] = False
+            out[self._kept_of] = self._kept_dots(m)
+            rest[self._kept_of] = False
         if bool(rest.any()):
             e, h, s = self._rows_of(rest)
             out += self._sample_sum(((e @ m) * h).sum(-1), s)
@@ -281,7 +281,7 @@ class BatchGrads:
         size, step = self.vocab * self.hidden, max(1, CHUNK_ELEMENTS // self.hidden)
         slots = min(self.B, KEEP_ELEMENTS // size) if keep is not None and step >= self.vocab else 0
         kept = _buffer(keep, "kept", (slots, size), self.h.device) if slots else None
-        self._kept_of, resid = [], self._residual()
+        kept_of, resid = [], self._residual()
         for b, seg in self._segments():
             n = seg.stop - seg.start
             if n == 0:
@@ -291,9 +291,9 @@ class BatchGrads:
             ghost_cost = n * n * (self.vocab + self.hidden)
             if mode == "explicit" or (mode == "auto" and explicit_cost <= ghost_cost):
                 for lo in range(0, self.vocab, step):
-                    if len(self._kept_of) < slots:  # the whole gradient, kept for accumulate
-                        g = torch.mm(e.T, h, out=kept[len(self._kept_of)].view(self.vocab, self.hidden)).view(-1)
-                        self._kept_of.append(b)
+                    if len(kept_of) < slots:  # the whole gradient, kept for accumulate and dots
+                        g = torch.mm(e.T, h, out=kept[len(kept_of)].view(self.vocab, self.hidden)).view(-1)
+                        kept_of.append(b)
                     else:
                         g = (e[:, lo:lo + step].T @ h).view(-1)
                     out_sq[b] += g.dot(g)  # no (V, H) temporary for g * g
@@ -303,7 +303,8 @@ class BatchGrads:
                 out_sq[b] = ((e @ e.T) * (h @ h.T)).sum()
                 if m_out is not None:
                     out_dot[b] = ((e @ m_out) * h).sum()
-        self._kept = kept[:len(self._kept_of)] if self._kept_of else None
+        self._kept = kept[:len(kept_of)] if kept_of else None
+        self._kept_of = torch.tensor(kept_of, device=self.h.device) if kept_of else None
         s_b, _, rows = self._embedding_rows()
         emb_sq = self._sample_sum((rows * rows).sum(-1), s_b)
         if EMBED in self.layers:
@@ -342,9 +343,8 @@ class BatchGrads:
         """out (K, V H) += sum_i c_ki g_i(output part): kept gradients by one product, the rest from e and h."""
         rest = (c != 0).any(0)
         if self._kept is not None:
-            kept_of = torch.tensor(self._kept_of, device=c.device)
-            out += c[:, kept_of] @ self._kept
-            rest[kept_of] = False
+            out += c[:, self._kept_of] @ self._kept
+            rest[self._kept_of] = False
         if not bool(rest.any()):
             return
         e, h, s = self._rows_of(rest)

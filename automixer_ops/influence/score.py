@@ -222,17 +222,12 @@ class Scorer:
         import torch
 
         names, ws = list(v), Workspace()
-        series = SeriesSums(self.model)
-        ckpt1 = work / "pass1.pt"
-        state = torch.load(ckpt1, map_location=self.device) if ckpt1.is_file() else None
-        if state is not None:
-            series.load_state_dict(state["series"])
-        last_save = time.perf_counter()
-        for i in range(state["next_shard"] if state else 0, len(self.shards)):
+        series, ckpt = SeriesSums(self.model), _ShardCheckpoint(work / "pass1.pt", len(self.shards), self.device)
+        if ckpt.state is not None:
+            series.load_state_dict(ckpt.state["series"])
+        for i in range(ckpt.first, len(self.shards)):
             self._pass1_shard(i, v, series, ws, work / f"stats-{i:05d}.parquet")
-            if time.perf_counter() - last_save > CHECKPOINT_EVERY_S or i == len(self.shards) - 1:
-                _atomic_torch_save({"series": series.state_dict(), "next_shard": i + 1}, ckpt1)
-                last_save = time.perf_counter()
+            ckpt.done(i, {"series": series.state_dict()})
         n = series.n
         if n == 0:
             raise AutomixerError("the fit set is empty")
@@ -241,11 +236,9 @@ class Scorer:
                  ", ".join(f"{k}={lam[k]:.3e}" for k in names))
 
         # Pass 2: only the documents with a remainder; the fp64 sum checkpointed every minute.
-        ckpt2 = work / "pass2.pt"
-        state = torch.load(ckpt2, map_location=self.device) if ckpt2.is_file() else None
-        c_sum = state["c_sum"] if state else series.combine(lam)
-        last_save, reread = time.perf_counter(), state["reread"] if state else 0
-        for i in range(state["next_shard"] if state else 0, len(self.shards)):
+        ckpt = _ShardCheckpoint(work / "pass2.pt", len(self.shards), self.device)
+        c_sum, reread = (ckpt.state["c_sum"], ckpt.state["reread"]) if ckpt.state else (series.combine(lam), 0)
+        for i in range(ckpt.first, len(self.shards)):
             s = _read_stats(work / f"stats-{i:05d}.parquet")
             rem = {k: t.numpy() for k, t in series.remainders(_stats_obj(s, names), lam).items()}
             need = np.flatnonzero(np.any([rem[k] != 0 for k in names], axis=0))
@@ -259,9 +252,7 @@ class Scorer:
                     for k in names:
                         bg.accumulate(torch.from_numpy(rem[k][need[idx]]), {k: c_sum[k]})
                 reread += len(need)
-            if time.perf_counter() - last_save > CHECKPOINT_EVERY_S or i == len(self.shards) - 1:
-                _atomic_torch_save({"c_sum": c_sum, "next_shard": i + 1, "reread": reread}, ckpt2)
-                last_save = time.perf_counter()
+            ckpt.done(i, {"c_sum": c_sum, "reread": reread})
         self.log(f"step {self.sampler.step}: pass 2 reread {reread:,} of {n:,} fit documents")
         fit = finish(v, c_sum, n, lam, series.sum_sq, reread)
         _check_finite(fit.r, "r (the fit)", self.sampler.step)
@@ -338,9 +329,7 @@ class Scorer:
         """Pass 3 for the given corpus shards; returns how many were scored (not skipped)."""
         import pyarrow as pa
 
-        from automixer_ops.influence.grads import BatchGrads
-
-        from automixer_ops.influence.grads import Workspace
+        from automixer_ops.influence.grads import BatchGrads, Workspace
 
         fp = self.read_fit_json()["fingerprint"]
         scored, ws = 0, Workspace()
@@ -471,6 +460,25 @@ def _parquet_meta(path: Path) -> dict:
 
     meta = pq.read_schema(path).metadata or {}
     return {k.decode(): v.decode() for k, v in meta.items()}
+
+
+class _ShardCheckpoint:
+    """The state of a resumable pass over the shards: loaded from `path` when there, and saved there (with the
+    next shard to do) every CHECKPOINT_EVERY_S and after the last shard."""
+
+    def __init__(self, path: Path, n_shards: int, device):
+        import torch
+
+        self.path, self.n_shards = path, n_shards
+        self.state = torch.load(path, map_location=device) if path.is_file() else None
+        self.first = self.state["next_shard"] if self.state else 0  # the shard to resume from
+        self._saved = time.perf_counter()
+
+    def done(self, i: int, state: dict) -> None:
+        """Shard i is done; `state` is what the pass resumes from after it."""
+        if time.perf_counter() - self._saved > CHECKPOINT_EVERY_S or i == self.n_shards - 1:
+            _atomic_torch_save({**state, "next_shard": i + 1}, self.path)
+            self._saved = time.perf_counter()
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
