@@ -141,7 +141,8 @@ def machine_line() -> str:
 def load_line(before, after) -> str:
     f = lambda t: " / ".join(f"{x:.2f}" for x in t)  # noqa: E731
     return (f"Load average (1/5/15 min) before: {f(before)}; after: {f(after)} "
-            f"(the machine was shared with other work; runs interleaved so both sides see the same load)")
+            f"('after' counts this benchmark's own threads; the host is a shared VM, so both sides' runs are "
+            f"interleaved to see the same conditions)")
 
 
 def emit(text: str, out: Path | None) -> None:

@@ -55,8 +55,8 @@ def test_interrupted_training_resumes_exactly(trained, small_corpus, tmp_path):
     train_proxy(cfg, log=messages.append)
     assert any("resuming from step 10" in m for m in messages)
     a, b = weights(reference / "checkpoints" / "step-30"), weights(cfg.run_dir / "checkpoints" / "step-30")
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name in a:  # bit for bit: batches are a function of (seed, step), optimizer state is saved
+        assert torch.equal(b[name], a[name]), name
     log = [json.loads(line)["step"] for line in (cfg.run_dir / "proxy" / "train_log.jsonl").read_text().splitlines()]
     assert log == [5, 10, 15, 20, 25, 30]  # the lost steps' log lines were replaced, not duplicated
 
