@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
             what = p.add_mutually_exclusive_group()
             what.add_argument("--fit-only", action="store_true", help="fit lambda and r, score nothing")
             what.add_argument("--shards", metavar="START:END",
-                              help="score only corpus shards START..END-1 (0-based); needs a finished fit")
+                              help="score only corpus shards START..END-1 (0-based; START: to the last, "
+                                   "or one index); needs a finished fit")
             p.add_argument("--force", action="store_true", help="refit even if a fit with the same inputs exists")
         if name == "evaluate":
             p.add_argument("--step", type=int, help="evaluate only the checkpoint of this step (resumable); "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -22,7 +21,7 @@ from typing import Callable
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError
 from automixer_ops.proxy import checkpoint_tokenizer_dir, list_checkpoints, pick_device
-from automixer_ops.rundir import RunDir, atomic_write_text, fsync_file
+from automixer_ops.rundir import RunDir, atomic_write, atomic_write_text
 from automixer_ops.tasks import load_tasks, validation_pairs, write_task_yamls
 
 COLUMNS = ("step", "task", "metric", "value", "stderr", "n_docs")
@@ -99,10 +98,7 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, step: int | None =
             continue
         rows = evaluate_checkpoint(cfg, ckpt, tasks, step)
         table = pa.Table.from_pylist(rows, schema=_schema()).replace_schema_metadata({"fingerprint": stamp})
-        tmp = out.with_name(f".{out.name}.tmp")
-        pq.write_table(table, tmp)
-        fsync_file(tmp)
-        os.replace(tmp, out)
+        atomic_write(out, lambda tmp: pq.write_table(table, tmp))
         summary = ", ".join(f"{r['task']} {r['value']:.3f}" for r in rows if r["metric"] == _headline(rows, r["task"]))
         log(f"step {step}: {summary}")
     if only is not None:
@@ -114,10 +110,7 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, step: int | None =
                                                                                 ("task", "ascending"),
                                                                                 ("metric", "ascending")])
     final = run.path / "eval" / "benchmark.parquet"
-    tmp = final.with_name(".benchmark.parquet.tmp")
-    pq.write_table(combined, tmp)
-    fsync_file(tmp)
-    os.replace(tmp, final)
+    atomic_write(final, lambda tmp: pq.write_table(combined, tmp))
     return final
 
 
@@ -186,4 +179,18 @@ def read_validation_set(run_dir: Path, task: str) -> list[dict]:
     path = run_dir / "valsets" / f"{task}.jsonl"
     if not path.is_file():
         raise AutomixerError(f"{path}: no validation set for {task!r}; run `automixer evaluate` first")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            pair = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AutomixerError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        missing = [k for k in ("context", "continuation") if not isinstance(pair, dict) or
+                   not isinstance(pair.get(k), str)]
+        if missing:
+            raise AutomixerError(f"{path}:{n}: needs string fields 'context' and 'continuation' "
+                                 f"(missing or not a string: {', '.join(missing)})")
+        pairs.append(pair)
+    return pairs

@@ -26,9 +26,11 @@ def regroup(cfg: Config, log: Callable[[str], None] = print) -> Path:
     selection = Selection.from_json(sel_path.read_text())
     steps = [s.step for s in selection.samplers]
     for step in steps:
-        if not list((run.path / "scores" / f"step={step}").glob("part-*.parquet")):
-            raise AutomixerError(f"{run.path}/scores/step={step}: no score shards for sampler step {step}; "
-                                 "run `automixer score` first")
+        out = run.path / "scores" / f"step={step}"
+        parts = sorted(out.glob("part-*.parquet"))
+        if not parts:
+            raise AutomixerError(f"{out}: no score shards for sampler step {step}; run `automixer score` first")
+        _check_parts_of_one_fit(out, parts, step)
     params = {"scores_glob": str(run.path / "scores" / "step=*" / "part-*.parquet"),
               "keep_fraction": cfg.regroup.keep_fraction,
               "sampler_steps": steps, "sampler_alphas": [s.alpha for s in selection.samplers]}
@@ -44,6 +46,23 @@ def regroup(cfg: Config, log: Callable[[str], None] = print) -> Path:
     build_database(db, params, checks, cfg.regroup.memory_limit)
     log(f"regrouped {len(steps)} sampler(s) with keep_fraction {cfg.regroup.keep_fraction} into {db}")
     return db
+
+
+def _check_parts_of_one_fit(out: Path, parts: list[Path], step: int) -> None:
+    """Where `automixer score` made the fit (fit.json), every part must carry that fit's fingerprint: a part
+    left by an earlier fit (a shard job that ran on while the fit was redone) has the right ids and would pass
+    the coverage checks. Scores without a fit.json (made elsewhere) are taken as they are."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    if not (out / "fit.json").is_file():
+        return
+    fit = json.loads((out / "fit.json").read_text())["fingerprint"]
+    stale = [p.name for p in parts if (pq.read_schema(p).metadata or {}).get(b"fit", b"").decode() != fit]
+    if stale:
+        raise AutomixerError(f"{out}: {len(stale)} score shard(s) not made with the sampler's current fit "
+                             f"(fit.json), e.g. {stale[0]}; rerun `automixer score --step {step}`")
 
 
 def weights_table(db: Path) -> list[tuple]:

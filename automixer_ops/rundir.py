@@ -17,7 +17,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 SUCCESS = "_SUCCESS.json"
 STAGING_PREFIX = ".staging-"
@@ -43,18 +43,23 @@ class RunDir:
         return sorted(self.corpus.glob("part-*.parquet"))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a mix."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary file beside `path`, flushed to disk, then renamed into place: readers see the
+    old file or the new one, never a mix. Each call has its own temporary name, so two writers of one file
+    (a retried task beside a job still running) never write into the same file, and a failed write leaves
+    none behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def fsync_file(path: Path) -> None:

@@ -163,3 +163,20 @@ def test_checkpoint_identity_follows_the_weights(trained, tmp_path):
     assert checkpoint_identity(copy) == before
     os.utime(copy / "model.safetensors", ns=(1, 1))  # new weights written in place
     assert checkpoint_identity(copy) != before
+
+
+def test_a_bad_validation_set_line_is_named_by_file_and_line(tmp_path):
+    from automixer_ops.errors import AutomixerError
+    from automixer_ops.evaluate import read_validation_set
+
+    path = tmp_path / "valsets" / "piqa.jsonl"
+    path.parent.mkdir()
+    good = json.dumps({"doc": 0, "context": "Q:", "continuation": " A"})
+    path.write_text(good + "\n\n" + '{"doc": 1, "context": "Q:"\n')
+    with pytest.raises(AutomixerError, match=r"piqa.jsonl:3: not valid JSON"):
+        read_validation_set(tmp_path, "piqa")
+    path.write_text(good + "\n" + json.dumps({"doc": 1, "context": "Q:", "continuation": 3}) + "\n")
+    with pytest.raises(AutomixerError, match=r"piqa.jsonl:2: needs string fields .*continuation"):
+        read_validation_set(tmp_path, "piqa")
+    path.write_text(good + "\n")
+    assert read_validation_set(tmp_path, "piqa") == [json.loads(good)]

@@ -144,6 +144,19 @@ def test_padding_and_batch_composition_do_not_change_a_samples_statistics():
             torch.testing.assert_close(together.dots(v)[k][i], alone.dots(v)[k][0], rtol=1e-4, atol=1e-7)
 
 
+def test_kept_gradients_hold_no_more_memory_than_they_count():
+    from automixer_ops.influence.grads import BatchGrads, Workspace
+
+    model = tiny_llama(False)
+    # One long sample (its gradient built whole, so kept) and short ones (their norms in the Gram form).
+    bg = BatchGrads(model, make_batch(random_samples(61, [33] + [2] * 15, seed=1), [1] * 16))
+    v = {k: torch.randn(w.shape) for k, w in [("embed", model.get_input_embeddings().weight),
+                                              ("output", model.get_output_embeddings().weight)]}
+    bg.sq_norms_and_dots(v, keep=Workspace())
+    assert bg.kept_elements() == 61 * 16
+    assert bg._kept.untyped_storage().nbytes() == 4 * bg.kept_elements()  # not a view of a 16-slot buffer
+
+
 # ------------------------------------------------------------------ the step
 
 
@@ -195,12 +208,13 @@ def test_rerun_skips_finished_work_and_a_killed_run_resumes(scoring_run):
     assert any("fit already done" in m for m in logs) and any("0 shard(s) scored, 4 already done" in m for m in logs)
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
 
-    # A killed scoring job: one shard missing, one partial temp file left behind.
+    # Killed scoring jobs: one shard never written, one killed while writing (its temp file left behind).
     (out / "part-00002.parquet").unlink()
-    (out / ".part-00003.parquet.tmp").write_bytes(b"partial")
+    (out / "part-00003.parquet").unlink()
+    (out / ".part-00003.parquet.0123abcd.tmp").write_bytes(b"partial")
     logs = []
-    score(cfg, step=10, shards="0:4", log=logs.append)
-    assert any("1 shard(s) scored, 3 already done" in m for m in logs)
+    score(cfg, step=10, shards="2:", log=logs.append)
+    assert any("2 shard(s) scored, 0 already done" in m for m in logs)
     assert len(read_scores(cfg.run_dir, 10)) == 108
 
 
@@ -237,6 +251,83 @@ def test_a_fit_killed_in_pass_1_resumes_from_its_checkpoint_and_gives_the_same_f
     assert json.loads((out / "fit.json").read_text())["lambda"] == pytest.approx(whole_info["lambda"], rel=1e-12)
     for name, t in whole.items():
         torch.testing.assert_close(resumed[name], t, rtol=1e-6, atol=1e-6 * float(t.abs().max()))
+
+
+def test_force_restarts_a_killed_fit_and_work_of_other_series_settings_is_not_resumed(scoring_run, monkeypatch):
+    from automixer_ops.influence import score as score_mod
+
+    cfg = load_config(scoring_run, ["run.id=sc_force", "influence.fit_samples=90"])
+    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
+                    ignore=shutil.ignore_patterns("scores"))
+    out = cfg.run_dir / "scores" / "step=30"
+    monkeypatch.setattr(score_mod, "CHECKPOINT_EVERY_S", 0.0)
+
+    def kill_at_shard_3(msg):
+        if "pass 1 shard 3/4" in msg:
+            raise KeyboardInterrupt
+
+    def killed_fit(**kw):
+        with pytest.raises(KeyboardInterrupt):
+            score_mod.score(cfg, step=30, fit_only=True, log=kill_at_shard_3, **kw)
+        assert torch.load(out / ".fit" / "pass1.pt")["next_shard"] == 2
+
+    killed_fit()
+    logs = []
+    score_mod.score(cfg, step=30, fit_only=True, force=True, log=logs.append)
+    assert any("--force" in m for m in logs) and any("pass 1 shard 1/4" in m for m in logs)  # from the start
+    # Series settings changed (a code update) between the kill and the rerun: the work is redone, not loaded.
+    killed_fit(force=True)
+    monkeypatch.setattr("automixer_ops.influence.datainf.SERIES_MAX_RATIO", 1e-5)
+    logs = []
+    score_mod.score(cfg, step=30, fit_only=True, log=logs.append)
+    assert any("pass 1 shard 1/4" in m for m in logs) and (out / "fit.json").is_file()
+
+
+def test_a_fit_whose_two_files_disagree_is_not_used(scoring_run):
+    from safetensors.torch import load_file, save_file
+
+    from automixer_ops.influence.score import score
+
+    cfg = load_config(scoring_run, ["run.id=sc_torn"])
+    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
+                    ignore=shutil.ignore_patterns("scores"))
+    score(cfg, step=10, fit_only=True, log=lambda _: None)
+    out = cfg.run_dir / "scores" / "step=10"
+    # A refit stopped between its two files: fit.safetensors from another fit under the current fit.json.
+    save_file(load_file(str(out / "fit.safetensors")), str(out / "fit.safetensors"), metadata={"fingerprint": "x"})
+    with pytest.raises(AutomixerError, match="fit.json and fit.safetensors are not both from the fit"):
+        score(cfg, step=10, shards="0:1", log=lambda _: None)
+    logs = []
+    score(cfg, step=10, log=logs.append)  # a full run makes the fit again
+    assert any("pass 1 shard 1/4" in m for m in logs) and any("4 shard(s) scored" in m for m in logs)
+
+    # A part from an earlier fit (a shard job that ran on while the fit was redone) stops regroup.
+    from automixer_ops.regroup import regroup
+
+    score(cfg, step=30, log=lambda _: None)
+    part = out / "part-00001.parquet"
+    pq.write_table(pq.read_table(part).replace_schema_metadata({"fit": "an-earlier-fit"}), part)
+    with pytest.raises(AutomixerError, match=r"step=10: 1 score shard\(s\) not made with the sampler's current fit"):
+        regroup(cfg, log=lambda _: None)
+
+
+def test_validation_pairs_are_cut_from_the_left_like_lm_eval(scoring_run, monkeypatch):
+    from automixer_ops.influence.score import Scorer
+
+    cfg = load_config(scoring_run, ["influence.max_seq_len=8"])
+    scorer = Scorer(cfg, 10, log=lambda _: None)
+    pairs = [{"doc": 0, "context": "Question: which", "continuation": " one of these is the longest answer here"},
+             {"doc": 1, "context": "Q:", "continuation": " yes"}]
+    monkeypatch.setattr("automixer_ops.evaluate.read_validation_set", lambda run_dir, task: pairs)
+    batch = next(b for b, _ in scorer.validation_batches())
+    enc = scorer.tokenizer.backend_tokenizer
+    for p, row, mask, weight in zip(pairs, batch.input_ids, batch.attention_mask, batch.loss_weight):
+        ctx, cont = (enc.encode(p[k], add_special_tokens=False).ids for k in ("context", "continuation"))
+        full = [scorer.eos] + ctx + cont
+        n = int(mask.sum())
+        assert row[:n].tolist() == full[-8:]  # the window's tokens follow their real predecessors
+        scored = min(len(cont), 7)  # every continuation token in the window, and no context token
+        assert torch.count_nonzero(weight).item() == scored and weight[n - 1 - scored:n - 1].sum() == pytest.approx(1)
 
 
 def test_shard_jobs_need_a_current_fit_and_name_bad_ranges(scoring_run, tmp_path):

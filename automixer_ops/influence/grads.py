@@ -267,8 +267,7 @@ class BatchGrads:
 
     def _kept_dots(self, m: torch.Tensor) -> torch.Tensor:
         """<m, kept gradient> per kept row. By multiply and sum (torch's cascaded fp32 sum), not a BLAS dot:
-        r . g_i cancels over its V H products (on the demo proxy the sum of |terms| is ~7000x the result) and a
-        dot's running fp32 sums are then off by 3e-4 of the largest score; the cascaded sum is within 1e-6."""
+        r . g_i cancels over its V H products and a dot's running fp32 sums lose digits (docs/influence.md)."""
         m = m.reshape(-1)
         return torch.cat([(part * m).sum(-1) for part in self._kept.split(KEPT_DOT_ROWS)])
 
@@ -279,17 +278,18 @@ class BatchGrads:
         out_sq = torch.zeros(self.B, device=self.h.device)
         out_dot = None if m_out is None else torch.zeros(self.B, device=self.h.device)
         size, step = self.vocab * self.hidden, max(1, CHUNK_ELEMENTS // self.hidden)
-        slots = min(self.B, KEEP_ELEMENTS // size) if keep is not None and step >= self.vocab else 0
+        explicit = [n > 0 and (mode == "explicit" or (mode == "auto" and self.vocab * self.hidden * (n + 1) <=
+                                                       n * n * (self.vocab + self.hidden)))  # vs the ghost form
+                    for n in self.row_counts]
+        # Sized for the samples it will hold: a kept view of a larger buffer would hold all of it.
+        slots = min(sum(explicit), KEEP_ELEMENTS // size) if keep is not None and step >= self.vocab else 0
         kept = _buffer(keep, "kept", (slots, size), self.h.device) if slots else None
         kept_of, resid = [], self._residual()
         for b, seg in self._segments():
-            n = seg.stop - seg.start
-            if n == 0:
+            if seg.stop == seg.start:
                 continue
             e, h = resid[seg], self.h[seg]
-            explicit_cost = self.vocab * self.hidden * (n + 1)
-            ghost_cost = n * n * (self.vocab + self.hidden)
-            if mode == "explicit" or (mode == "auto" and explicit_cost <= ghost_cost):
+            if explicit[b]:
                 for lo in range(0, self.vocab, step):
                     if len(kept_of) < slots:  # the whole gradient, kept for accumulate and dots
                         g = torch.mm(e.T, h, out=kept[len(kept_of)].view(self.vocab, self.hidden)).view(-1)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +38,7 @@ import numpy as np
 
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError, ConfigError
-from automixer_ops.rundir import RunDir, atomic_write_text, fsync_file, read_marker
+from automixer_ops.rundir import RunDir, atomic_write, atomic_write_text, read_marker
 
 FIT_JSON, FIT_TENSORS, WORK = "fit.json", "fit.safetensors", ".fit"
 WORK_FORMAT = "series-1"  # layout of WORK's files: work left by another layout is not resumed
@@ -78,10 +77,11 @@ def sampler_at(run: RunDir, step: int) -> Sampler:
 
 
 def parse_shards(spec: str, n: int) -> range:
-    """'A:B' -> shards A..B-1 (clipped to the corpus), 'A' -> just A."""
+    """'A:B' -> shards A..B-1 (clipped to the corpus), 'A:' -> A to the last, ':B' -> 0..B-1, 'A' -> just A."""
     try:
-        lo, _, hi = spec.partition(":")
-        r = range(int(lo), int(hi) if hi else int(lo) + 1)
+        lo, colon, hi = spec.partition(":")
+        start = int(lo) if lo or not colon else 0
+        r = range(start, int(hi) if hi else (n if colon else start + 1))
     except ValueError:
         raise ConfigError(f"--shards {spec!r}: expected START:END (0-based, END exclusive) or one index") from None
     if r.start < 0 or r.start >= max(n, 1) or r.stop <= r.start:
@@ -129,7 +129,8 @@ class Scorer:
         valsets = {t: _file_hash(self.run.path / "valsets" / f"{t}.jsonl") for t in self.sampler.tasks}
         payload = {"checkpoint": checkpoint_identity(self.sampler.checkpoint), "corpus": self.corpus_fingerprint,
                    "valsets": valsets, "max_seq_len": self.inf.max_seq_len, "fit_samples": self.inf.fit_samples,
-                   "seed": self.cfg.run.seed, "precision": self.inf.precision}
+                   "seed": self.cfg.run.seed if self.inf.fit_samples is not None else None,  # picks the fit set
+                   "precision": self.inf.precision}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def validation_batches(self):
@@ -146,12 +147,13 @@ class Scorer:
             for p in pairs:
                 ctx, cont = (e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(
                     [p["context"], p["continuation"]], add_special_tokens=False))
-                cont = cont[-(self.inf.max_seq_len - 1):]
                 if not cont:
-                    raise AutomixerError(f"valsets/{task}.jsonl document {p['doc']}: empty continuation")
-                ids = ([self.eos] + ctx + cont)[-self.inf.max_seq_len:]  # keep the continuation whole
+                    raise AutomixerError(f"valsets/{task}.jsonl document {p.get('doc', '?')}: empty continuation")
+                # Cut from the left, as lm-eval does: every kept token follows its real predecessors, and a
+                # continuation longer than the window keeps its last max_seq_len - 1 tokens.
+                ids = ([self.eos] + ctx + cont)[-self.inf.max_seq_len:]
                 seqs.append(ids)
-                firsts.append(len(ids) - len(cont))
+                firsts.append(max(1, len(ids) - len(cont)))
                 coeffs.append(1.0 / (len(self.sampler.tasks) * len(pairs)))
         for idx in length_batches([len(s) for s in seqs], self.inf.batch_tokens):
             yield (make_batch([seqs[i] for i in idx], [firsts[i] for i in idx], self.pad).to(self.device),
@@ -192,20 +194,27 @@ class Scorer:
 
     # ---------------------------------------------------------------- the fit
 
-    def fit(self, force: bool = False):
-        """Passes 0-2; returns the Fit (loaded when already done with the same inputs)."""
+    def fit(self, force: bool = False) -> tuple[object, str]:
+        """Passes 0-2; returns the Fit (loaded when already done with the same inputs) and its fingerprint."""
         from automixer_ops.influence.datainf import SeriesSums, finish, weighted_gradient_sum
         from automixer_ops.influence.grads import BatchGrads, Workspace
 
         fp = self.fingerprint()
         done = self.read_fit_json()
         if done is not None and done["fingerprint"] == fp and not force:
-            self.log(f"step {self.sampler.step}: fit already done (n={done['n']:,})")
-            return self.load_fit()
-        if done is not None:
-            self.log(f"step {self.sampler.step}: inputs changed since the last fit; refitting and rescoring")
+            try:
+                fit = self.load_fit(fp)
+                self.log(f"step {self.sampler.step}: fit already done (n={done['n']:,})")
+                return fit, fp
+            except AutomixerError as e:  # fit.safetensors lost or from another fit: make it again
+                self.log(f"step {self.sampler.step}: {e}")
+        if done is not None or force:  # forced: a half-done fit's work goes too, not only a finished fit
+            self.log(f"step {self.sampler.step}: " + ("refitting and rescoring (--force)" if force else
+                                                      "inputs changed since the last fit; refitting and rescoring"))
             self.remove_outputs()
-        work, work_id = self.out / WORK, f"{fp} {WORK_FORMAT}"
+        series = SeriesSums(self.model)
+        # Work left by other inputs, another file layout or other series settings (a code update) is not resumed.
+        work, work_id = self.out / WORK, f"{fp} {WORK_FORMAT} {series.settings()}"
         if (work / "fingerprint").is_file() and (work / "fingerprint").read_text() != work_id:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
@@ -222,7 +231,7 @@ class Scorer:
         import torch
 
         names, ws = list(v), Workspace()
-        series, ckpt = SeriesSums(self.model), _ShardCheckpoint(work / "pass1.pt", len(self.shards), self.device)
+        ckpt = _ShardCheckpoint(work / "pass1.pt", len(self.shards), self.device)
         if ckpt.state is not None:
             series.load_state_dict(ckpt.state["series"])
         for i in range(ckpt.first, len(self.shards)):
@@ -258,7 +267,7 @@ class Scorer:
         _check_finite(fit.r, "r (the fit)", self.sampler.step)
         self.write_fit(fit, fp)
         self.log(f"step {self.sampler.step}: fit done in {time.perf_counter() - t0:.1f} s -> {self.out / FIT_JSON}")
-        return fit
+        return fit, fp
 
     def _pass1_shard(self, i: int, v, series, ws, path: Path) -> None:
         """Statistics of shard i's fit documents to `path`, their series terms into `series` (in memory: the
@@ -294,12 +303,9 @@ class Scorer:
     def write_fit(self, fit, fp: str) -> None:
         from safetensors.torch import save_file
 
-        tmp = self.out / f".{FIT_TENSORS}.tmp"
         tensors = {f"r.{k}": t.contiguous().cpu() for k, t in fit.r.items()}
         tensors.update({f"v.{k}": t.contiguous().cpu() for k, t in fit.v.items()})
-        save_file(tensors, str(tmp))
-        fsync_file(tmp)
-        os.replace(tmp, self.out / FIT_TENSORS)
+        atomic_write(self.out / FIT_TENSORS, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fp}))
         info = {"fingerprint": fp, "step": self.sampler.step, "tasks": self.sampler.tasks,
                 "checkpoint": str(self.sampler.checkpoint), "n": fit.n, "layers": list(fit.r),
                 "dims": fit.dims, "lambda": fit.lam, "sum_sq_norm": fit.sum_sq, "pass2_reread": fit.reread,
@@ -307,13 +313,22 @@ class Scorer:
                 "formula": "utility = sum_l r_l . g_l ; r_l = (v_l - mean_i c_il g_il) / lambda_l"}
         atomic_write_text(self.out / FIT_JSON, json.dumps(info, indent=2) + "\n")  # written last: the marker
 
-    def load_fit(self):
-        from safetensors.torch import load_file
+    def load_fit(self, fp: str):
+        """The finished fit of the inputs `fp`. Both files must carry `fp`: fit.json is written after
+        fit.safetensors, so a refit killed (or running) between the two leaves them from different fits."""
+        from safetensors import safe_open
 
         from automixer_ops.influence.datainf import Fit
 
-        info = self.read_fit_json()
-        t = load_file(str(self.out / FIT_TENSORS), device=str(self.device))
+        info, path = self.read_fit_json(), self.out / FIT_TENSORS
+        meta = None
+        if path.is_file():
+            with safe_open(str(path), "pt", device=str(self.device)) as f:
+                meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        if info is None or info["fingerprint"] != fp or meta is None or meta.get("fingerprint") != fp:
+            raise AutomixerError(f"{self.out}: {FIT_JSON} and {FIT_TENSORS} are not both from the fit of the current "
+                                 f"inputs (a refit is running or was stopped); rerun `automixer score --step "
+                                 f"{self.sampler.step} --fit-only`")
         return Fit(n=info["n"], dims=info["dims"], lam=info["lambda"], sum_sq=info["sum_sq_norm"],
                    r={k: t[f"r.{k}"] for k in info["layers"]}, v={k: t[f"v.{k}"] for k in info["layers"]},
                    reread=info.get("pass2_reread", 0))
@@ -325,13 +340,13 @@ class Scorer:
 
     # ---------------------------------------------------------------- scoring
 
-    def score_shards(self, shards: range, fit) -> int:
-        """Pass 3 for the given corpus shards; returns how many were scored (not skipped)."""
+    def score_shards(self, shards: range, fit, fp: str) -> int:
+        """Pass 3 for the given corpus shards with `fit` (made from inputs `fp`, which labels the parts); returns
+        how many were scored (not skipped)."""
         import pyarrow as pa
 
         from automixer_ops.influence.grads import BatchGrads, Workspace
 
-        fp = self.read_fit_json()["fingerprint"]
         scored, ws = 0, Workspace()
         for i in shards:
             path = self.out / self.shards[i].name
@@ -362,7 +377,8 @@ class Scorer:
         """r of the output (or tied) layer: formed in the same matmul as the backward through the head."""
         return tuple(t for k, t in fit.r.items() if k != "embed")
 
-    def check_fit_current(self) -> None:
+    def check_fit_current(self) -> str:
+        """The fingerprint of the current inputs, when the finished fit was made from them; else an error."""
         info = self.read_fit_json()
         if info is None:
             raise AutomixerError(f"{self.out / FIT_JSON}: no fit for sampler step {self.sampler.step}; "
@@ -371,6 +387,7 @@ class Scorer:
             raise AutomixerError(f"{self.out / FIT_JSON}: the fit was made with other inputs (checkpoint, corpus, "
                                  f"validation sets or influence settings); rerun `automixer score --step "
                                  f"{self.sampler.step} --fit-only`")
+        return info["fingerprint"]
 
 
 def score(cfg: Config, step: int | None = None, shards: str | None = None, fit_only: bool = False,
@@ -384,14 +401,14 @@ def score(cfg: Config, step: int | None = None, shards: str | None = None, fit_o
     for s in steps:
         scorer = Scorer(cfg, s, log)
         if shards is not None:  # a mapped job: the fit must already be there
-            scorer.check_fit_current()
-            fit = scorer.load_fit()
+            fp = scorer.check_fit_current()
+            fit = scorer.load_fit(fp)
             todo = parse_shards(shards, len(scorer.shards))
         else:
-            fit = scorer.fit(force=force)
+            fit, fp = scorer.fit(force=force)
             todo = range(len(scorer.shards))
         if not fit_only:
-            n = scorer.score_shards(todo, fit)
+            n = scorer.score_shards(todo, fit, fp)
             log(f"step {s}: {n} shard(s) scored, {len(todo) - n} already done -> {scorer.out}")
         outs.append(scorer.out)
     return outs
@@ -448,11 +465,8 @@ def _stats_obj(s: dict, names: list[str]):
 def _write_parquet(table, path: Path, meta: dict) -> None:
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table.replace_schema_metadata({k: str(v) for k, v in meta.items()}), tmp)
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata({k: str(v) for k, v in meta.items()}),
+                                                  tmp))
 
 
 def _parquet_meta(path: Path) -> dict:
@@ -484,7 +498,4 @@ class _ShardCheckpoint:
 def _atomic_torch_save(obj, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
