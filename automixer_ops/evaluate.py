@@ -21,7 +21,7 @@ from typing import Callable
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError
 from automixer_ops.proxy import checkpoint_tokenizer_dir, list_checkpoints, pick_device
-from automixer_ops.rundir import RunDir, atomic_write, atomic_write_text
+from automixer_ops.rundir import SUCCESS, RunDir, atomic_write, atomic_write_text, write_marker
 from automixer_ops.tasks import load_tasks, validation_pairs, write_task_yamls
 
 COLUMNS = ("step", "task", "metric", "value", "stderr", "n_docs")
@@ -169,9 +169,11 @@ def evaluate_checkpoint(cfg: Config, ckpt: Path, tasks: dict, step: int) -> list
 def write_validation_sets(cfg: Config, run: RunDir, tasks: dict, log: Callable[[str], None]) -> None:
     out = run.path / "valsets"
     n = cfg.influence.val_docs_per_task
+    (out / SUCCESS).unlink(missing_ok=True)
     for name, task in tasks.items():
         pairs = validation_pairs(task, n)
         atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    write_marker(out, {"val_docs_per_task": n})  # `score` checks it against the config
     log(f"validation sets: {len(tasks)} task(s) x up to {n} documents in {out}")
 
 

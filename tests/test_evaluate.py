@@ -116,6 +116,7 @@ def test_validation_sets_use_lm_eval_formatting(evaluated):
     assert [(p["context"], p["continuation"]) for p in mc] == \
         [(d["context"], " " + d["choices"][d["gold"]]) for d in MC_DOCS[:5]]
     assert read_validation_set(cfg.run_dir, "my_ll")[0]["continuation"] == LL_DOCS[0]["continuation"]
+    assert json.loads((cfg.run_dir / "valsets" / "_SUCCESS.json").read_text()) == {"val_docs_per_task": 5}
 
 
 @pytest.mark.parametrize("lines, expected", [

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from automixer_ops.config import load_config
-from automixer_ops.errors import AutomixerError
+from automixer_ops.errors import AutomixerError, ConfigError
 from automixer_ops.influence.batching import length_batches, make_batch
 from automixer_ops.influence.datainf import SeriesSums, fit_and_score_in_memory, fit_in_memory, utilities
 from conftest import piqa_pairs, write_valset
@@ -142,6 +142,21 @@ def test_padding_and_batch_composition_do_not_change_a_samples_statistics():
         for k in v:
             torch.testing.assert_close(together.sq_norms()[k][i], alone.sq_norms()[k][0], rtol=1e-5, atol=0)
             torch.testing.assert_close(together.dots(v)[k][i], alone.dots(v)[k][0], rtol=1e-4, atol=1e-7)
+
+
+def test_heads_that_are_not_a_plain_matmul_are_refused():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from automixer_ops.influence.grads import check_plain_head
+
+    check_plain_head(tiny_llama(False))
+    check_plain_head(tiny_llama(True))
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=61, hidden_size=16, intermediate_size=40, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                       final_logit_softcapping=1.0)
+    with pytest.raises(AutomixerError, match="Gemma2ForCausalLM: its logits are not the output layer times"):
+        check_plain_head(Gemma2ForCausalLM(cfg).eval())
 
 
 def test_kept_gradients_hold_no_more_memory_than_they_count():
@@ -309,6 +324,22 @@ def test_a_fit_whose_two_files_disagree_is_not_used(scoring_run):
     pq.write_table(pq.read_table(part).replace_schema_metadata({"fit": "an-earlier-fit"}), part)
     with pytest.raises(AutomixerError, match=r"step=10: 1 score shard\(s\) not made with the sampler's current fit"):
         regroup(cfg, log=lambda _: None)
+
+
+def test_validation_sets_of_another_val_docs_per_task_are_refused(scoring_run):
+    from automixer_ops.influence.score import score
+    from automixer_ops.rundir import write_marker
+
+    cfg = load_config(scoring_run, ["run.id=sc_valn", "influence.val_docs_per_task=8"])
+    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
+                    ignore=shutil.ignore_patterns("scores"))
+    write_marker(cfg.run_dir / "valsets", {"val_docs_per_task": 5})  # as `evaluate` records it
+    with pytest.raises(ConfigError, match=r"influence.val_docs_per_task: 8, but .*valsets was written with 5; "
+                                          r"rerun `automixer evaluate`"):
+        score(cfg, step=10, fit_only=True, log=lambda _: None)
+    write_marker(cfg.run_dir / "valsets", {"val_docs_per_task": 8})
+    score(cfg, step=10, fit_only=True, log=lambda _: None)
+    assert (cfg.run_dir / "scores" / "step=10" / "fit.json").is_file()
 
 
 def test_validation_pairs_are_cut_from_the_left_like_lm_eval(scoring_run, monkeypatch):

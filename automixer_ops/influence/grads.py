@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from automixer_ops.errors import AutomixerError
+
 EMBED, OUTPUT, TIED = "embed", "output", "tied"
 # Elements of one chunk of a per-sample output-layer gradient (bounded memory for big vocabularies).
 CHUNK_ELEMENTS = 1 << 23
@@ -69,12 +71,27 @@ def layer_weights(model) -> dict[str, torch.Tensor]:
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     if head is None:
-        raise ValueError("the model has no output layer (get_output_embeddings() is None)")
+        raise AutomixerError("the model has no output layer (get_output_embeddings() is None)")
     if getattr(head, "bias", None) is not None:
-        raise ValueError("output layers with a bias are not supported (Llama-style heads only)")
+        raise AutomixerError("output layers with a bias are not supported (Llama-style heads only)")
     if head.weight is emb or head.weight.data_ptr() == emb.data_ptr():
         return {TIED: emb}
     return {EMBED: emb, OUTPUT: head.weight}
+
+
+def check_plain_head(model) -> None:
+    """Raise unless the model's logits are W h of its final hidden states, as every formula here assumes: a
+    head that scales or soft-caps its logits (Gemma 2, Cohere) would be scored wrongly and without a sign."""
+    layers = layer_weights(model)
+    w = model.get_output_embeddings().weight
+    ids = (torch.arange(8, device=w.device) * 7 % w.shape[0])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+        plain = model.base_model(input_ids=ids).last_hidden_state.float() @ w.float().T
+    if not torch.allclose(logits, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())):
+        raise AutomixerError(f"{type(model).__name__}: its logits are not the output layer times the final hidden "
+                             f"states (a logit scale or soft-capping?); only Llama-style heads can be scored "
+                             f"(layers {', '.join(layers)})")
 
 
 @dataclass

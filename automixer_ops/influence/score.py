@@ -96,6 +96,7 @@ class Scorer:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from automixer_ops.influence.grads import check_plain_head
         from automixer_ops.proxy import checkpoint_tokenizer_dir, pick_device
 
         self.cfg, self.log, self.inf = cfg, log, cfg.influence
@@ -118,6 +119,10 @@ class Scorer:
             raise ConfigError(f"influence.max_seq_len: {self.inf.max_seq_len} exceeds the model's "
                               f"max_position_embeddings {limit}")
         self.model = model.to(self.device).eval().requires_grad_(False)
+        try:
+            check_plain_head(self.model)
+        except AutomixerError as e:
+            raise AutomixerError(f"{self.sampler.checkpoint}: {e}") from None
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
 
@@ -126,6 +131,11 @@ class Scorer:
     def fingerprint(self) -> str:
         from automixer_ops.evaluate import checkpoint_identity
 
+        made = read_marker(self.run.path / "valsets")  # absent for validation sets written by hand
+        if made is not None and made.get("val_docs_per_task") != self.inf.val_docs_per_task:
+            raise ConfigError(f"influence.val_docs_per_task: {self.inf.val_docs_per_task}, but "
+                              f"{self.run.path / 'valsets'} was written with {made.get('val_docs_per_task')}; "
+                              "rerun `automixer evaluate` (it rewrites the validation sets)")
         valsets = {t: _file_hash(self.run.path / "valsets" / f"{t}.jsonl") for t in self.sampler.tasks}
         payload = {"checkpoint": checkpoint_identity(self.sampler.checkpoint), "corpus": self.corpus_fingerprint,
                    "valsets": valsets, "max_seq_len": self.inf.max_seq_len, "fit_samples": self.inf.fit_samples,
