@@ -14,7 +14,7 @@ from automixer_ops.config import load_config
 from automixer_ops.errors import AutomixerError, ConfigError
 from automixer_ops.influence.batching import length_batches, make_batch
 from automixer_ops.influence.datainf import SeriesSums, fit_and_score_in_memory, fit_in_memory, utilities
-from conftest import piqa_pairs, write_valset
+from conftest import piqa_pairs, proxy_config, write_valset
 
 # ------------------------------------------------------------------ exactness
 
@@ -211,6 +211,48 @@ def test_score_step_covers_the_corpus_once_per_sampler_and_matches_the_in_memory
                                atol=1e-4 * np.abs(expected).max())
 
 
+def test_a_tied_checkpoint_is_scored_as_one_layer_and_matches_the_in_memory_fit(trained, small_corpus, tmp_path):
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from automixer_ops.influence.score import Scorer, score
+    from automixer_ops.prepare import prepare
+    from automixer_ops.proxy import train_proxy
+    from automixer_ops.selection import Sampler, Selection
+
+    _, trained_dir = trained
+    src = trained_dir / "checkpoints" / "step-30"
+    model = AutoModelForCausalLM.from_pretrained(str(src), tie_word_embeddings=True)  # brought by a user
+    model.tie_weights()
+    model.save_pretrained(str(tmp_path / "tied"))
+    AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tmp_path / "tied"))
+    config = proxy_config(tmp_path, small_corpus, "tied", checkpoints=[{"step": 5, "path": str(tmp_path / "tied")}])
+    raw = yaml.safe_load(config.read_text())
+    raw["tokenizer"]["path"] = str(trained_dir / "tokenizer")
+    raw["corpus"]["docs_per_shard"] = 40
+    raw["influence"] = {"max_seq_len": 48, "batch_tokens": 384}
+    config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config)
+    prepare(cfg, log=lambda _: None)
+    train_proxy(cfg, log=lambda _: None)
+    write_valset(cfg.run_dir, "piqa", piqa_pairs(6))
+    (cfg.run_dir / "selection.json").write_text(Selection({}, [Sampler(5, ["piqa"], 1.0)]).to_json())
+
+    score(cfg, log=lambda _: None)
+    out = cfg.run_dir / "scores" / "step=5"
+    assert json.loads((out / "fit.json").read_text())["layers"] == ["tied"]
+    scorer = Scorer(cfg, 5, log=lambda _: None)
+    assert scorer.model.config.tie_word_embeddings
+    docs = [d for i in range(len(scorer.shards)) for d in scorer.read_shard(i)]
+    groups = list(length_batches([len(d.ids) for d in docs], 384))
+    batches = [make_batch([docs[i].ids for i in grp], [1] * len(grp), scorer.pad) for grp in groups]
+    fit = fit_in_memory(scorer.model, list(scorer.validation_batches()), batches)
+    expected = np.empty(len(docs), np.float32)
+    expected[[i for grp in groups for i in grp]] = utilities(scorer.model, batches, fit).numpy()
+    got = {r["id"]: r["utility"] for r in read_scores(cfg.run_dir, 5)}
+    np.testing.assert_allclose([got[d.id] for d in docs], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_rerun_skips_finished_work_and_a_killed_run_resumes(scoring_run):
     from automixer_ops.influence.score import score
 
@@ -266,6 +308,27 @@ def test_a_fit_killed_in_pass_1_resumes_from_its_checkpoint_and_gives_the_same_f
     assert json.loads((out / "fit.json").read_text())["lambda"] == pytest.approx(whole_info["lambda"], rel=1e-12)
     for name, t in whole.items():
         torch.testing.assert_close(resumed[name], t, rtol=1e-6, atol=1e-6 * float(t.abs().max()))
+
+    # Killed in pass 2 at its third shard: the rerun keeps pass 1 and resumes pass 2's fp64 sum there.
+    read_stats, calls, kill = score_mod._read_stats, [], [True]
+
+    def killed_at_stats_2(path):
+        calls.append(path.name)
+        if path.name == "stats-00002.parquet" and kill:
+            kill.clear()  # the first time only
+            raise KeyboardInterrupt
+        return read_stats(path)
+    monkeypatch.setattr(score_mod, "_read_stats", killed_at_stats_2)
+    with pytest.raises(KeyboardInterrupt):
+        score_mod.score(cfg, step=30, fit_only=True, force=True, log=lambda _: None)
+    assert torch.load(out / ".fit" / "pass2.pt")["next_shard"] == 2
+    logs, calls[:] = [], []
+    score_mod.score(cfg, step=30, fit_only=True, log=logs.append)
+    assert not any("pass 1 shard" in m for m in logs) and calls == ["stats-00002.parquet", "stats-00003.parquet"]
+    assert "step 30: pass 2 reread 90 of 90 fit documents" in logs  # the count carried over the kill
+    again = load_file(str(out / "fit.safetensors"))
+    for name, t in whole.items():
+        torch.testing.assert_close(again[name], t, rtol=1e-6, atol=1e-6 * float(t.abs().max()))
 
 
 def test_force_restarts_a_killed_fit_and_work_of_other_series_settings_is_not_resumed(scoring_run, monkeypatch):
