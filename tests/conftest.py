@@ -100,31 +100,42 @@ def arc_pairs(n: int) -> list[dict]:
     return out
 
 
-@pytest.fixture(scope="session")
-def scoring_run(trained, small_corpus, tmp_path_factory):
-    """The tiny trained proxy's checkpoints linked into a run of 4 corpus shards, with two samplers."""
+def linked_scoring_run(tmp: Path, trained_dir: Path, small_corpus: Path, run_id: str, checkpoints: dict,
+                       samplers: list, valsets: dict, docs_per_shard: int, influence: dict) -> Path:
+    """A run that scores the given checkpoints ({step: path}, linked as a user's own): the prepared corpus, the
+    validation sets ({task: pairs}) and a selection (Sampler objects) written directly; returns its config."""
     import yaml
 
     from automixer_ops.config import load_config
-
-    tmp = tmp_path_factory.mktemp("scoring")
-    _, trained_dir = trained
-    refs = [{"step": s, "path": str(trained_dir / "checkpoints" / f"step-{s}")} for s in (10, 30)]
-    config = proxy_config(tmp, small_corpus, "sc", checkpoints=refs)
-    raw = yaml.safe_load(config.read_text())
-    raw["tokenizer"]["path"] = str(trained_dir / "tokenizer")
-    raw["corpus"]["docs_per_shard"] = 30
-    raw["influence"] = {"max_seq_len": 64, "batch_tokens": 512}
-    config.write_text(yaml.safe_dump(raw))
-    cfg = load_config(config)
     from automixer_ops.prepare import prepare
     from automixer_ops.proxy import train_proxy
-    from automixer_ops.selection import Sampler, Selection
+    from automixer_ops.selection import Selection
 
+    refs = [{"step": s, "path": str(path)} for s, path in checkpoints.items()]
+    config = proxy_config(tmp, small_corpus, run_id, checkpoints=refs)
+    raw = yaml.safe_load(config.read_text())
+    raw["tokenizer"]["path"] = str(trained_dir / "tokenizer")
+    raw["corpus"]["docs_per_shard"] = docs_per_shard
+    raw["influence"] = influence
+    config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config)
     prepare(cfg, log=lambda _: None)
     train_proxy(cfg, log=lambda _: None)
-    write_valset(cfg.run_dir, "piqa", piqa_pairs(8))
-    write_valset(cfg.run_dir, "arc_easy", arc_pairs(8))
-    sel = Selection({}, [Sampler(10, ["piqa"], 0.25), Sampler(30, ["arc_easy", "piqa"], 0.75)])
-    (cfg.run_dir / "selection.json").write_text(sel.to_json())
+    for task, pairs in valsets.items():
+        write_valset(cfg.run_dir, task, pairs)
+    (cfg.run_dir / "selection.json").write_text(Selection({}, samplers).to_json())
     return config
+
+
+@pytest.fixture(scope="session")
+def scoring_run(trained, small_corpus, tmp_path_factory):
+    """The tiny trained proxy's checkpoints linked into a run of 4 corpus shards, with two samplers."""
+    from automixer_ops.selection import Sampler
+
+    _, trained_dir = trained
+    return linked_scoring_run(
+        tmp_path_factory.mktemp("scoring"), trained_dir, small_corpus, "sc",
+        {s: trained_dir / "checkpoints" / f"step-{s}" for s in (10, 30)},
+        [Sampler(10, ["piqa"], 0.25), Sampler(30, ["arc_easy", "piqa"], 0.75)],
+        {"piqa": piqa_pairs(8), "arc_easy": arc_pairs(8)}, docs_per_shard=30,
+        influence={"max_seq_len": 64, "batch_tokens": 512})

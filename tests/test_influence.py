@@ -14,7 +14,7 @@ from automixer_ops.config import load_config
 from automixer_ops.errors import AutomixerError, ConfigError
 from automixer_ops.influence.batching import length_batches, make_batch
 from automixer_ops.influence.datainf import SeriesSums, fit_and_score_in_memory, fit_in_memory, utilities
-from conftest import piqa_pairs, proxy_config, write_valset
+from conftest import linked_scoring_run, piqa_pairs, write_valset
 
 # ------------------------------------------------------------------ exactness
 
@@ -200,6 +200,10 @@ def test_score_step_covers_the_corpus_once_per_sampler_and_matches_the_in_memory
     # The streamed three-pass step equals the in-memory fit on the same documents and validation set.
     scorer = Scorer(cfg, 30, log=lambda _: None)
     docs = [d for i in range(len(scorer.shards)) for d in scorer.read_shard(i)]
+    # Each document is scored as EOS + its first max_seq_len - 1 tokens (64 in this run).
+    text = {d["id"]: d["text"] for d in corpus}
+    long_doc = next(d for d in docs if d.n_tokens > 100)
+    assert long_doc.ids == [scorer.eos] + scorer.tokenizer(text[long_doc.id], add_special_tokens=False)["input_ids"][:63]
     batches = [make_batch([docs[i].ids for i in grp], [1] * len(grp), scorer.pad)
                for grp in length_batches([len(d.ids) for d in docs], 512)]
     order = [i for grp in length_batches([len(d.ids) for d in docs], 512) for i in grp]
@@ -212,13 +216,10 @@ def test_score_step_covers_the_corpus_once_per_sampler_and_matches_the_in_memory
 
 
 def test_a_tied_checkpoint_is_scored_as_one_layer_and_matches_the_in_memory_fit(trained, small_corpus, tmp_path):
-    import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from automixer_ops.influence.score import Scorer, score
-    from automixer_ops.prepare import prepare
-    from automixer_ops.proxy import train_proxy
-    from automixer_ops.selection import Sampler, Selection
+    from automixer_ops.selection import Sampler
 
     _, trained_dir = trained
     src = trained_dir / "checkpoints" / "step-30"
@@ -226,17 +227,9 @@ def test_a_tied_checkpoint_is_scored_as_one_layer_and_matches_the_in_memory_fit(
     model.tie_weights()
     model.save_pretrained(str(tmp_path / "tied"))
     AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tmp_path / "tied"))
-    config = proxy_config(tmp_path, small_corpus, "tied", checkpoints=[{"step": 5, "path": str(tmp_path / "tied")}])
-    raw = yaml.safe_load(config.read_text())
-    raw["tokenizer"]["path"] = str(trained_dir / "tokenizer")
-    raw["corpus"]["docs_per_shard"] = 40
-    raw["influence"] = {"max_seq_len": 48, "batch_tokens": 384}
-    config.write_text(yaml.safe_dump(raw))
-    cfg = load_config(config)
-    prepare(cfg, log=lambda _: None)
-    train_proxy(cfg, log=lambda _: None)
-    write_valset(cfg.run_dir, "piqa", piqa_pairs(6))
-    (cfg.run_dir / "selection.json").write_text(Selection({}, [Sampler(5, ["piqa"], 1.0)]).to_json())
+    cfg = load_config(linked_scoring_run(tmp_path, trained_dir, small_corpus, "tied", {5: tmp_path / "tied"},
+                                         [Sampler(5, ["piqa"], 1.0)], {"piqa": piqa_pairs(6)}, docs_per_shard=40,
+                                         influence={"max_seq_len": 48, "batch_tokens": 384}))
 
     score(cfg, log=lambda _: None)
     out = cfg.run_dir / "scores" / "step=5"
@@ -377,6 +370,7 @@ def test_a_fit_whose_two_files_disagree_is_not_used(scoring_run):
         score(cfg, step=10, shards="0:1", log=lambda _: None)
     logs = []
     score(cfg, step=10, log=logs.append)  # a full run makes the fit again
+    assert "step 10: fit.safetensors is missing or from another fit; refitting and rescoring" in logs
     assert any("pass 1 shard 1/4" in m for m in logs) and any("4 shard(s) scored" in m for m in logs)
 
     # A part from an earlier fit (a shard job that ran on while the fit was redone) stops regroup.

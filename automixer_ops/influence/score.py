@@ -211,16 +211,16 @@ class Scorer:
 
         fp = self.fingerprint()
         done = self.read_fit_json()
+        why = "--force" if force else "inputs changed since the last fit"
         if done is not None and done["fingerprint"] == fp and not force:
             try:
                 fit = self.load_fit(fp)
                 self.log(f"step {self.sampler.step}: fit already done (n={done['n']:,})")
                 return fit, fp
-            except AutomixerError as e:  # fit.safetensors lost or from another fit: make it again
-                self.log(f"step {self.sampler.step}: {e}")
+            except AutomixerError:
+                why = f"{FIT_TENSORS} is missing or from another fit"
         if done is not None or force:  # forced: a half-done fit's work goes too, not only a finished fit
-            self.log(f"step {self.sampler.step}: " + ("refitting and rescoring (--force)" if force else
-                                                      "inputs changed since the last fit; refitting and rescoring"))
+            self.log(f"step {self.sampler.step}: {why}; refitting and rescoring")
             self.remove_outputs()
         series = SeriesSums(self.model)
         # Work left by other inputs, another file layout or other series settings (a code update) is not resumed.
