@@ -452,9 +452,15 @@ def test_fit_samples_fits_on_a_seeded_subsample(scoring_run):
     shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
                     ignore=shutil.ignore_patterns("scores"))
     score(cfg, step=30, log=lambda _: None)
-    fit = json.loads((cfg.run_dir / "scores" / "step=30" / "fit.json").read_text())
+    out = cfg.run_dir / "scores" / "step=30"
+    fit = json.loads((out / "fit.json").read_text())
     assert fit["n"] == 25 and fit["settings"]["fit_samples"] == 25
     assert len(read_scores(cfg.run_dir, 30)) == 108
+    # The fit set is the run seed's uniform choice of 25 of the corpus' 108 rows, in shard order.
+    corpus_ids = pq.read_table(sorted(cfg.run_dir.glob("corpus/part-*.parquet")), columns=["id"])["id"].to_pylist()
+    picked = np.random.default_rng(cfg.run.seed).choice(len(corpus_ids), 25, replace=False)
+    fitted = pq.read_table(sorted((out / ".fit").glob("stats-*.parquet")), columns=["id"])["id"].to_pylist()
+    assert sorted(fitted) == sorted(corpus_ids[i] for i in picked)
 
 
 def test_a_nan_is_reported_by_document_id_and_nothing_is_written(scoring_run):
