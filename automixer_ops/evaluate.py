@@ -21,7 +21,7 @@ from typing import Callable
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError
 from automixer_ops.proxy import checkpoint_tokenizer_dir, list_checkpoints, pick_device
-from automixer_ops.rundir import SUCCESS, RunDir, atomic_write, atomic_write_text, write_marker
+from automixer_ops.rundir import SUCCESS, RunDir, atomic_write, atomic_write_text, parquet_metadata, write_marker
 from automixer_ops.tasks import load_tasks, validation_pairs, write_task_yamls
 
 COLUMNS = ("step", "task", "metric", "value", "stderr", "n_docs")
@@ -93,7 +93,7 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, step: int | None =
     for step, ckpt in checkpoints.items():
         out = steps_dir / f"step-{step}.parquet"
         stamp = f"{fingerprint}-{checkpoint_identity(ckpt)}"
-        if out.exists() and pq.read_schema(out).metadata.get(b"fingerprint", b"").decode() == stamp:
+        if out.exists() and parquet_metadata(out).get("fingerprint") == stamp:
             log(f"step {step}: already evaluated")
             continue
         rows = evaluate_checkpoint(cfg, ckpt, tasks, step)

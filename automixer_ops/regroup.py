@@ -13,7 +13,7 @@ from typing import Callable
 
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError
-from automixer_ops.rundir import RunDir
+from automixer_ops.rundir import RunDir, parquet_metadata
 from automixer_ops.selection import Selection
 from automixer_ops.sqlrun import DB_NAME, build_database, check_files, run_sql_checks
 
@@ -54,12 +54,10 @@ def _check_parts_of_one_fit(out: Path, parts: list[Path], step: int) -> None:
     the coverage checks. Scores without a fit.json (made elsewhere) are taken as they are."""
     import json
 
-    import pyarrow.parquet as pq
-
     if not (out / "fit.json").is_file():
         return
     fit = json.loads((out / "fit.json").read_text())["fingerprint"]
-    stale = [p.name for p in parts if (pq.read_schema(p).metadata or {}).get(b"fit", b"").decode() != fit]
+    stale = [p.name for p in parts if parquet_metadata(p).get("fit") != fit]
     if stale:
         raise AutomixerError(f"{out}: {len(stale)} score shard(s) not made with the sampler's current fit "
                              f"(fit.json), e.g. {stale[0]}; rerun `automixer score --step {step}`")

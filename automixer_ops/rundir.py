@@ -62,6 +62,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def parquet_metadata(path: Path) -> dict[str, str]:
+    """The key-value metadata of a Parquet file's schema (where steps record what made the file)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items()}
+
+
 def fsync_file(path: Path) -> None:
     """Flush a finished file to disk before it is renamed into place (and a marker names it)."""
     with open(path, "rb") as f:

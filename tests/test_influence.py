@@ -179,6 +179,14 @@ def read_scores(run_dir, step):
     return pq.read_table(sorted((run_dir / "scores" / f"step={step}").glob("part-*.parquet"))).to_pylist()
 
 
+def copy_of_scoring_run(scoring_run, *settings: str):
+    """scoring_run's run under the id and settings given (e.g. "run.id=x"), without its scores: the config."""
+    cfg = load_config(scoring_run, list(settings))
+    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
+                    ignore=shutil.ignore_patterns("scores"))
+    return cfg
+
+
 def test_score_step_covers_the_corpus_once_per_sampler_and_matches_the_in_memory_fit(scoring_run, tmp_path):
     from automixer_ops.influence.score import Scorer, score
 
@@ -273,9 +281,7 @@ def test_a_fit_killed_in_pass_1_resumes_from_its_checkpoint_and_gives_the_same_f
 
     from automixer_ops.influence import score as score_mod
 
-    cfg = load_config(scoring_run, ["run.id=sc_resume", "influence.fit_samples=90"])
-    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
-                    ignore=shutil.ignore_patterns("scores"))
+    cfg = copy_of_scoring_run(scoring_run, "run.id=sc_resume", "influence.fit_samples=90")
     out = cfg.run_dir / "scores" / "step=30"
     score_mod.score(cfg, step=30, fit_only=True, log=lambda _: None)  # as the step runs
     whole = load_file(str(out / "fit.safetensors"))
@@ -327,9 +333,7 @@ def test_a_fit_killed_in_pass_1_resumes_from_its_checkpoint_and_gives_the_same_f
 def test_force_restarts_a_killed_fit_and_work_of_other_series_settings_is_not_resumed(scoring_run, monkeypatch):
     from automixer_ops.influence import score as score_mod
 
-    cfg = load_config(scoring_run, ["run.id=sc_force", "influence.fit_samples=90"])
-    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
-                    ignore=shutil.ignore_patterns("scores"))
+    cfg = copy_of_scoring_run(scoring_run, "run.id=sc_force", "influence.fit_samples=90")
     out = cfg.run_dir / "scores" / "step=30"
     monkeypatch.setattr(score_mod, "CHECKPOINT_EVERY_S", 0.0)
 
@@ -359,9 +363,7 @@ def test_a_fit_whose_two_files_disagree_is_not_used(scoring_run):
 
     from automixer_ops.influence.score import score
 
-    cfg = load_config(scoring_run, ["run.id=sc_torn"])
-    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
-                    ignore=shutil.ignore_patterns("scores"))
+    cfg = copy_of_scoring_run(scoring_run, "run.id=sc_torn")
     score(cfg, step=10, fit_only=True, log=lambda _: None)
     out = cfg.run_dir / "scores" / "step=10"
     # A refit stopped between its two files: fit.safetensors from another fit under the current fit.json.
@@ -387,9 +389,7 @@ def test_validation_sets_of_another_val_docs_per_task_are_refused(scoring_run):
     from automixer_ops.influence.score import score
     from automixer_ops.rundir import write_marker
 
-    cfg = load_config(scoring_run, ["run.id=sc_valn", "influence.val_docs_per_task=8"])
-    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
-                    ignore=shutil.ignore_patterns("scores"))
+    cfg = copy_of_scoring_run(scoring_run, "run.id=sc_valn", "influence.val_docs_per_task=8")
     write_marker(cfg.run_dir / "valsets", {"val_docs_per_task": 5})  # as `evaluate` records it
     with pytest.raises(ConfigError, match=r"influence.val_docs_per_task: 8, but .*valsets was written with 5; "
                                           r"rerun `automixer evaluate`"):
@@ -421,9 +421,7 @@ def test_validation_pairs_are_cut_from_the_left_like_lm_eval(scoring_run, monkey
 def test_shard_jobs_need_a_current_fit_and_name_bad_ranges(scoring_run, tmp_path):
     from automixer_ops.influence.score import score
 
-    cfg = load_config(scoring_run, ["run.id=sc2"])
-    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
-                    ignore=shutil.ignore_patterns("scores"))
+    cfg = copy_of_scoring_run(scoring_run, "run.id=sc2")
     with pytest.raises(AutomixerError, match="no fit for sampler step 10.*--fit-only"):
         score(cfg, step=10, shards="0:2", log=lambda _: None)
     with pytest.raises(AutomixerError, match="not a sampler of this run"):
@@ -448,9 +446,7 @@ def test_shard_jobs_need_a_current_fit_and_name_bad_ranges(scoring_run, tmp_path
 def test_fit_samples_fits_on_a_seeded_subsample(scoring_run):
     from automixer_ops.influence.score import score
 
-    cfg = load_config(scoring_run, ["run.id=sc3", "influence.fit_samples=25"])
-    shutil.copytree(load_config(scoring_run).run_dir, cfg.run_dir, symlinks=True,
-                    ignore=shutil.ignore_patterns("scores"))
+    cfg = copy_of_scoring_run(scoring_run, "run.id=sc3", "influence.fit_samples=25")
     score(cfg, step=30, log=lambda _: None)
     out = cfg.run_dir / "scores" / "step=30"
     fit = json.loads((out / "fit.json").read_text())

@@ -38,7 +38,7 @@ import numpy as np
 
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError, ConfigError
-from automixer_ops.rundir import RunDir, atomic_write, atomic_write_text, read_marker
+from automixer_ops.rundir import RunDir, atomic_write, atomic_write_text, parquet_metadata, read_marker
 
 FIT_JSON, FIT_TENSORS, WORK = "fit.json", "fit.safetensors", ".fit"
 WORK_FORMAT = "series-1"  # layout of WORK's files: work left by another layout is not resumed
@@ -360,7 +360,7 @@ class Scorer:
         scored, ws = 0, Workspace()
         for i in shards:
             path = self.out / self.shards[i].name
-            if path.is_file() and _parquet_meta(path).get("fit") == fp:
+            if path.is_file() and parquet_metadata(path).get("fit") == fp:
                 continue
             t0 = time.perf_counter()
             docs = self.read_shard(i)
@@ -477,13 +477,6 @@ def _write_parquet(table, path: Path, meta: dict) -> None:
 
     atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata({k: str(v) for k, v in meta.items()}),
                                                   tmp))
-
-
-def _parquet_meta(path: Path) -> dict:
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    return {k.decode(): v.decode() for k, v in meta.items()}
 
 
 class _ShardCheckpoint:
