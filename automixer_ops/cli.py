@@ -2,7 +2,9 @@
 
 Every step takes the run's config file (`--config`) and optional `--set section.key=value`
 overrides. Errors in inputs or settings print one line naming the file, line, field or
-key at fault and exit with status 2; nothing half-written is left behind.
+key at fault and exit with status 2; nothing half-written is left behind. A condition that
+passes by itself (another process holds a lock the step needs, a fit is running) exits 75
+(EX_TEMPFAIL): the Airflow launcher retries those, and fails the others without retrying.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import os
 import sys
 
 from automixer_ops import __version__
-from automixer_ops.errors import AutomixerError
+from automixer_ops.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, AutomixerError, TransientError
+
+EXIT_STATUSES = (f"exit status: 0 done; {EXIT_BAD_INPUT} bad input or settings (one line names the file, line, "
+                 f"field or key; nothing half-written is left); {EXIT_TRANSIENT} transient (another process holds "
+                 "what the step needs: retry later)")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -66,12 +72,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from automixer_ops.selection import format_table1, select
+    from automixer_ops.rundir import RunDir
+    from automixer_ops.samplers import format_table1
+    from automixer_ops.selection import select
 
     cfg = _load(args)
     selection = select(cfg.run_dir)
+    run = RunDir(cfg.run_dir)
     print(format_table1(selection))
-    print(f"\nselection: {cfg.run_dir / 'selection.json'}\nheatmap: {cfg.run_dir / 'eval' / 'benchmark_heatmap.png'}")
+    print(f"\nselection: {run.selection}\nheatmap: {run.heatmap}")
     return 0
 
 
@@ -85,11 +94,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_regroup(args: argparse.Namespace) -> int:
-    from automixer_ops.regroup import format_weights, regroup, weights_table
+    from automixer_ops.regroup import regroup
+    from automixer_ops.sqlrun import format_weights, weights_table
 
     db = regroup(_load(args), log=_log)
     print(format_weights(weights_table(db)))
-    print(f"\nDuckDB: {db}  (tables: scores, samplers, thresholds, groups, joint_scores, group_stats, weights)")
+    print(f"\nDuckDB: {db}  (tables: samplers, score_stats, thresholds, joint_units, joint_scale, group_stats, "
+          "weights, provenance; views: joint_scores, groups)")
     return 0
 
 
@@ -154,7 +165,8 @@ STEPS = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="automixer",
-        description="AutoMixer: turn a proxy run's checkpoints into an influence-weighted data mixture.")
+        description="AutoMixer: turn a proxy run's checkpoints into an influence-weighted data mixture.",
+        epilog=EXIT_STATUSES)
     parser.add_argument("--version", action="version", version=f"automixer {__version__}")
     steps = parser.add_subparsers(dest="step", metavar="<step>", required=True)
 
@@ -197,12 +209,20 @@ def main(argv: list[str] | None = None) -> int:
         if rc == 0 and args.step != "config":
             _record_config(args)
         return rc
+    except TransientError as e:
+        print(f"error (transient, retry later): {one_line(str(e))}", file=sys.stderr)
+        return EXIT_TRANSIENT
     except AutomixerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(message: str) -> str:
+    """A message as one log line: library errors quoted in it may hold newlines."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

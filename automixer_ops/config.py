@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -38,6 +39,10 @@ def required(doc: str) -> Any:
     return field(metadata={"doc": doc, "required": True})
 
 
+MAX_SEED = 2**32 - 1
+INT64_MAX = 2**63 - 1  # every integer setting ends up in numpy, torch or DuckDB BIGINT
+
+
 @dataclass(kw_only=True)
 class RunSection:
     id: str = setting("demo", "Run name; the run directory is <root>/<id>. Letters, digits, '.', '_' and '-'.")
@@ -45,8 +50,10 @@ class RunSection:
     seed: int = setting(0, "Seed for every random choice of the run (sampling, training, mixing).")
 
     def check(self, where: str) -> None:
-        if self.seed < 0:
-            raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
+        # lm-eval seeds numpy's legacy generator with it (np.random.seed), which takes 32 bits.
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"{where}.seed: must be in [0, {MAX_SEED}] (numpy and lm-eval take 32-bit seeds), "
+                              f"got {self.seed}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.id):
             raise ConfigError(f"{where}.id: {self.id!r} is not a valid run id "
                               "(letters, digits, '.', '_' and '-', not starting with a symbol)")
@@ -131,8 +138,13 @@ class ProxySection:
         if not 0 <= self.warmup_steps < self.max_steps:
             raise ConfigError(f"{where}.warmup_steps: must be in [0, max_steps={self.max_steps}), "
                               f"got {self.warmup_steps}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"{where}: lr must be > 0 and min_lr_ratio in [0, 1]")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{where}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         steps = [c.step for c in self.checkpoints]
         if len(set(steps)) != len(steps):
             raise ConfigError(f"{where}.checkpoints: steps must be distinct, got {steps}")
@@ -143,9 +155,10 @@ class ProxySection:
 @dataclass(kw_only=True)
 class CustomTask:
     name: str = required("Task name, used in tables and plots (letters, digits, '_', '-').")
-    path: str = required("JSONL file: fields context, choices, gold (multiple choice, scored by accuracy) "
-                         "or context, continuation (likelihood only, scored by perplexity; the continuation is appended to the "
-                         "context as is, so give it its leading space).")
+    path: str = required("JSONL file, one JSON object per line: fields context, choices, gold (multiple choice, "
+                         "scored by accuracy) or context, continuation (likelihood only, scored by bits_per_byte of the "
+                         "continuation, and perplexity where it is finite; the continuation is appended to the context "
+                         "as is, so give it its leading space).")
 
 
 @dataclass(kw_only=True)
@@ -216,9 +229,13 @@ class InfluenceSection:
 
 @dataclass(kw_only=True)
 class RegroupSection:
-    keep_fraction: float = setting(0.5, "Per sampler, keep the top keep_fraction of documents by utility "
-                                        "(tau_j = quantile_cont(u_j, 1 - keep_fraction)).")
-    memory_limit: str = setting("4GB", "DuckDB memory_limit while regrouping; past it DuckDB spills to "
+    keep_fraction: float = setting(0.5, "Per sampler, keep the top ceil(keep_fraction * n) documents by utility, "
+                                        "ties at the cut broken by id (paper Appendix B's filtered table F_j).")
+    joint: Literal["kept", "all"] = setting(
+        "kept", "Joint score J: 'kept' sums alpha_j * u_j over the samplers whose filtered table holds the document "
+        "and min-max scales over their union (paper Appendix B); 'all' sums over every sampler and scales over "
+        "the whole corpus (the paper's main text).")
+    memory_limit: str = setting("4GB", "DuckDB memory_limit while regrouping and mixing; past it DuckDB spills to "
                                        "<run>/.duckdb_tmp, so any number of scores fits (e.g. '16GB', '80%').")
 
     def check(self, where: str) -> None:
@@ -240,6 +257,10 @@ class MixSection:
         "(0: every document at most once per group). Up to 4 passes costs little (Muennighoff et al. 2023).")
     caps: list[GroupCap] = setting([], "Per-group token caps: a list of {group, max_tokens}.")
     docs_per_part: int = setting(100_000, "Documents per mixture/part-*.parquet file.")
+    underfill: Literal["error", "allow"] = setting(
+        "error", "A token_budget above what the groups can give (their tokens x (1 + max_repeats), or their caps): "
+        "'error' stops before drawing and says by how much; 'allow' draws everything the groups can give, and "
+        "the mixture, weights.json and the report say that it falls short.")
 
     def check(self, where: str) -> None:
         if self.token_budget < 1 or self.max_repeats < 0 or self.docs_per_part < 1:
@@ -315,10 +336,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = load_yaml_unique(text, str(path))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -328,6 +346,44 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     cfg = config_from_dict(raw, where=str(path))
     cfg.base_dir = path.resolve().parent
     return cfg
+
+
+def load_yaml_unique(text: str, where: str, prefix: str = "") -> Any:
+    """yaml.safe_load, but a mapping that gives a key twice is an error naming the key (its full path, after
+    `prefix`) and both lines: PyYAML keeps the last one silently, so a second `proxy:` block would replace the
+    first one unnoticed."""
+    try:
+        _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), prefix, where)
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:  # the place, without PyYAML's echo of the text
+        mark = e.problem_mark or e.context_mark
+        place = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = "; ".join(x for x in (e.context, e.problem) if x)
+        raise ConfigError(f"{where}: {place}not valid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {_one_line(str(e))}") from None
+
+
+def _check_unique_keys(node: Any, prefix: str, where: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge" or not isinstance(key, yaml.ScalarNode):
+                _check_unique_keys(value, prefix, where)
+                continue
+            line = key.start_mark.line + 1
+            if key.value in seen:
+                raise ConfigError(f"{where}: line {line}: duplicate key '{prefix}{key.value}' (first given at line "
+                                  f"{seen[key.value]}); give each key once")
+            seen[key.value] = line
+            _check_unique_keys(value, f"{prefix}{key.value}.", where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{prefix.rstrip('.')}[{i}].", where)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def config_from_dict(raw: dict, where: str = "config") -> Config:
@@ -354,10 +410,7 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+    node[parts[-1]] = load_yaml_unique(value, f"--set {item!r}: value", prefix=key.strip() + ".")
 
 
 def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
@@ -408,6 +461,8 @@ def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: {key}: expected an integer, got {_show(value)}")
+        if abs(value) > INT64_MAX:
+            raise ConfigError(f"{where}: {key}: {value} does not fit in 64 bits")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
@@ -417,6 +472,9 @@ def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key}: expected a number, got {_show(value)}")
+        # NaN passes every `<` check (nan <= 0 is False): no setting means anything with NaN or infinity.
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{where}: {key}: must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -89,8 +90,8 @@ def resolve_inputs(cfg: Config) -> list[InputFile]:
     inputs: list[InputFile] = []
     for pattern in section.paths:
         full = cfg.resolve(pattern)
-        matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True)) if glob.has_magic(str(full)) else [full]
-        if not matches or not matches[0].exists():
+        matches = expand_path(full)
+        if not matches:
             raise CorpusError(f"corpus.paths: {pattern!r} matches no file ({full})")
         for path in matches:
             if path.is_dir() and not _is_hf_dataset_dir(path):
@@ -108,6 +109,21 @@ def resolve_inputs(cfg: Config) -> list[InputFile]:
     seen: set[Path] = set()
     unique = [i for i in inputs if not (i.path.resolve() in seen or seen.add(i.path.resolve()))]
     return unique
+
+
+def expand_path(full: Path) -> list[Path]:
+    """The files a configured path names. A path that exists is itself, even when its name holds glob
+    characters ('data[1].jsonl', 'run*'); otherwise the part below its deepest existing directory is a glob
+    pattern, and that directory is matched literally (a config directory named 'exp[1]' is not a pattern)."""
+    if full.exists():
+        return [full]
+    base = full.parent
+    while not base.is_dir() and base != base.parent:
+        base = base.parent
+    rest = os.path.relpath(full, base)
+    if not glob.has_magic(rest):
+        return []
+    return sorted(Path(p) for p in glob.glob(os.path.join(glob.escape(str(base)), rest), recursive=True))
 
 
 @dataclass
@@ -145,8 +161,10 @@ def _validate(record: Any, inp: InputFile, index: int, line: int, s: CorpusSecti
     where = f"{inp.path}:{line}" if inp.format == "jsonl" else f"{inp.path}: row {line}"
     if not isinstance(record, dict):
         raise CorpusError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if s.id_field not in record or record[s.id_field] is None:
+    if s.id_field not in record:
         raise CorpusError(f"{where}: missing id field {s.id_field!r} (fields present: {_fields(record)})")
+    if record[s.id_field] is None:
+        raise CorpusError(f"{where}: id field {s.id_field!r} is null")
     raw_id = record[s.id_field]
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
         raise CorpusError(f"{where}: id field {s.id_field!r} must be a string or integer, "
@@ -154,8 +172,10 @@ def _validate(record: Any, inp: InputFile, index: int, line: int, s: CorpusSecti
     doc_id = str(raw_id)
     if not doc_id.strip():
         raise CorpusError(f"{where}: id field {s.id_field!r} is empty")
-    if s.text_field not in record or record[s.text_field] is None:
+    if s.text_field not in record:
         raise CorpusError(f"{where}: missing text field {s.text_field!r} (fields present: {_fields(record)})")
+    if record[s.text_field] is None:
+        raise CorpusError(f"{where}: text field {s.text_field!r} is null")
     text = record[s.text_field]
     if not isinstance(text, str):
         raise CorpusError(f"{where}: text field {s.text_field!r} must be a string, got {type(text).__name__}")

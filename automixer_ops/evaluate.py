@@ -11,17 +11,19 @@ first `influence.val_docs_per_task` documents as lm-eval's own (context, continu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Callable
 
+from automixer_ops.checkpoints import (checkpoint_identity, checkpoint_tokenizer_dir, list_checkpoints,
+                                       load_causal_lm, pick_device)
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError
-from automixer_ops.proxy import checkpoint_tokenizer_dir, list_checkpoints, pick_device
-from automixer_ops.rundir import SUCCESS, RunDir, atomic_write, atomic_write_text, parquet_metadata, write_marker
+from automixer_ops.rundir import (SUCCESS, RunDir, atomic_write, atomic_write_text, fingerprint, parquet_metadata,
+                                  write_marker)
+from automixer_ops.samplers import METRIC_PREFERENCE
 from automixer_ops.tasks import load_tasks, validation_pairs, write_task_yamls
 
 COLUMNS = ("step", "task", "metric", "value", "stderr", "n_docs")
@@ -59,7 +61,7 @@ def eval_fingerprint(cfg: Config, setup_dir: Path) -> str:
     files = sorted((p.name, p.read_text()) for p in setup_dir.glob("*.yaml"))
     payload = {"tasks": cfg.tasks.names(), "limit": cfg.evaluate.limit, "yamls": files,
                "lm_eval": getattr(lm_eval, "__version__", "?"), "data_dir": cfg.to_dict()["tasks"]["data_dir"]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(payload)
 
 
 def evaluate(cfg: Config, log: Callable[[str], None] = print, step: int | None = None) -> Path:
@@ -83,16 +85,17 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, step: int | None =
             raise AutomixerError(f"{run.path}/checkpoints: no checkpoint at step {only} "
                                  f"(have {', '.join(map(str, checkpoints))})")
         checkpoints = {only: checkpoints[only]}
-    setup = write_task_yamls(cfg, run.path / "eval" / "tasks")
-    fingerprint = eval_fingerprint(cfg, setup.include_path)
+    check_custom_tasks_fit(cfg, run, checkpoints)
+    setup = write_task_yamls(cfg, run.eval / "tasks")
+    setup_fp = eval_fingerprint(cfg, setup.include_path)
     tasks = load_tasks(setup)
     write_validation_sets(cfg, run, tasks, log)
 
-    steps_dir = run.path / "eval" / "steps"
+    steps_dir = run.eval / "steps"
     steps_dir.mkdir(parents=True, exist_ok=True)
     for step, ckpt in checkpoints.items():
         out = steps_dir / f"step-{step}.parquet"
-        stamp = f"{fingerprint}-{checkpoint_identity(ckpt)}"
+        stamp = f"{setup_fp}-{checkpoint_identity(ckpt)}"
         if out.exists() and parquet_metadata(out).get("fingerprint") == stamp:
             log(f"step {step}: already evaluated")
             continue
@@ -109,17 +112,57 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, step: int | None =
     combined = pa.concat_tables(tables).replace_schema_metadata(None).sort_by([("step", "ascending"),
                                                                                 ("task", "ascending"),
                                                                                 ("metric", "ascending")])
-    final = run.path / "eval" / "benchmark.parquet"
+    final = run.benchmark
     atomic_write(final, lambda tmp: pq.write_table(combined, tmp))
     return final
 
 
-def checkpoint_identity(ckpt: Path) -> str:
-    """Which weights a result belongs to: the resolved directory and its files' sizes and times."""
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in ckpt.resolve().iterdir()
-                   if p.is_file() and p.name != "trainer_state.pt")
-    payload = json.dumps([str(ckpt.resolve()), files])
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def check_custom_tasks_fit(cfg: Config, run: RunDir, checkpoints: dict[int, Path]) -> None:
+    """Every custom continuation (or choice) fits each model's context: lm-eval asserts it in the middle of a run
+    (a traceback); here it is one line naming the file and line, before anything is written. Lines that are not
+    valid JSON are left to write_task_yamls, which names them."""
+    from transformers import AutoTokenizer
+
+    if not cfg.tasks.custom:
+        return
+    contexts: dict[tuple[Path, int], int] = {}  # (tokenizer dir, context) -> a step that has them
+    for step, ckpt in checkpoints.items():
+        contexts.setdefault((checkpoint_tokenizer_dir(run, ckpt), _context_length(ckpt)), step)
+    for (tok_dir, limit), step in contexts.items():
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        for task in cfg.tasks.custom:
+            path = cfg.resolve(task.path).resolve()
+            for lineno, doc in _json_lines(path):
+                targets = doc.get("choices") if isinstance(doc.get("choices"), list) else [doc.get("continuation")]
+                for text in (t for t in targets if isinstance(t, str)):
+                    n = len(tokenizer(" " + text if "choices" in doc else text, add_special_tokens=False)["input_ids"])
+                    if n > limit:
+                        raise AutomixerError(f"{path}:{lineno}: a continuation of {n} tokens does not fit the "
+                                             f"context of checkpoint step {step} ({limit} tokens); shorten it")
+
+
+def _context_length(ckpt: Path) -> int:
+    """The model context lm-eval's HFLM uses: the config's position limit, else 2048 (its default)."""
+    try:
+        config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 2048
+    return next((int(config[k]) for k in ("n_positions", "max_position_embeddings", "n_ctx")
+                 if isinstance(config.get(k), int)), 2048)
+
+
+def _json_lines(path: Path):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return
+    for lineno, line in enumerate(lines, 1):
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            yield lineno, doc
 
 
 def _schema():
@@ -131,19 +174,19 @@ def _schema():
 
 def _headline(rows: list[dict], task: str) -> str:
     metrics = {r["metric"] for r in rows if r["task"] == task}
-    return next((m for m in ("acc_norm", "acc", "perplexity") if m in metrics), sorted(metrics)[0])
+    return next((m for m in METRIC_PREFERENCE if m in metrics), sorted(metrics)[0])
 
 
 def evaluate_checkpoint(cfg: Config, ckpt: Path, tasks: dict, step: int) -> list[dict]:
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = pick_device(cfg.evaluate.device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     run = RunDir(cfg.run_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype).to(device).eval()
+    model = load_causal_lm(ckpt, dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_tokenizer_dir(run, ckpt)))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.evaluate.batch_size, device=device)
     result = simple_evaluate(model=lm, tasks=list(tasks.values()), limit=cfg.evaluate.limit, num_fewshot=0,
@@ -157,6 +200,8 @@ def evaluate_checkpoint(cfg: Config, ckpt: Path, tasks: dict, step: int) -> list
             name, _, filter_name = key.partition(",")
             if name in SKIP_KEYS or name.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
+            if not math.isfinite(value):  # a likelihood task's perplexity past a float's range: no measurement
+                continue
             stderr = metrics.get(f"{name}_stderr,{filter_name}")
             if filter_name not in ("", "none"):  # tasks with several filters report a metric per filter
                 name = f"{name},{filter_name}"
@@ -167,7 +212,7 @@ def evaluate_checkpoint(cfg: Config, ckpt: Path, tasks: dict, step: int) -> list
 
 
 def write_validation_sets(cfg: Config, run: RunDir, tasks: dict, log: Callable[[str], None]) -> None:
-    out = run.path / "valsets"
+    out = run.valsets
     n = cfg.influence.val_docs_per_task
     (out / SUCCESS).unlink(missing_ok=True)
     for name, task in tasks.items():
@@ -175,24 +220,3 @@ def write_validation_sets(cfg: Config, run: RunDir, tasks: dict, log: Callable[[
         atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     write_marker(out, {"val_docs_per_task": n})  # `score` checks it against the config
     log(f"validation sets: {len(tasks)} task(s) x up to {n} documents in {out}")
-
-
-def read_validation_set(run_dir: Path, task: str) -> list[dict]:
-    path = run_dir / "valsets" / f"{task}.jsonl"
-    if not path.is_file():
-        raise AutomixerError(f"{path}: no validation set for {task!r}; run `automixer evaluate` first")
-    pairs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            pair = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AutomixerError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        missing = [k for k in ("context", "continuation") if not isinstance(pair, dict) or
-                   not isinstance(pair.get(k), str)]
-        if missing:
-            raise AutomixerError(f"{path}:{n}: needs string fields 'context' and 'continuation' "
-                                 f"(missing or not a string: {', '.join(missing)})")
-        pairs.append(pair)
-    return pairs

@@ -12,8 +12,6 @@ all checks pass: a failed prepare leaves no run directory (or the previous one i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +20,9 @@ from typing import Callable, Iterable, Iterator
 from automixer_ops.config import Config
 from automixer_ops.corpus import Document, InputFile, ReadStats, read_documents, resolve_inputs
 from automixer_ops.errors import ConfigError, CorpusError
-from automixer_ops.rundir import (SUCCESS, RunDir, atomic_write_text, clean_stale_staging, publish, read_marker,
-                                  staged_directory, write_marker)
+from automixer_ops.rundir import (RUN_MARKER, STAGING_PREFIX, SUCCESS, RunDir, atomic_write_text, clean_stale_staging,
+                                  fingerprint, is_run_directory, read_marker, publish, staged_directory,
+                                  write_marker, write_run_marker)
 from automixer_ops.tokenizer import count_tokens, load_tokenizer, train_bpe
 
 # A batch also ends at this many characters: tokenizer output is ~100 bytes per token, so
@@ -47,16 +46,28 @@ class PrepareSummary:
 
 def prepare(cfg: Config, force: bool = False, log: Callable[[str], None] = print) -> PrepareSummary:
     run = RunDir(cfg.run_dir)
+    check_run_directory(run.path)
     inputs = resolve_inputs(cfg)
-    fingerprint = _fingerprint(cfg, inputs)
+    corpus_fp = _fingerprint(cfg, inputs)
     done = read_marker(run.corpus)
     if done and not force:
-        if done.get("fingerprint") == fingerprint:
+        if done.get("fingerprint") == corpus_fp:
             log(f"corpus already prepared in {run.corpus} (same inputs and settings); skipping")
             return PrepareSummary(**{**done, "reused": True})
         raise ConfigError(f"{run.path} was prepared from other corpus inputs or corpus/tokenizer settings; "
                           "pick another run.id, or rerun with --force to replace it")
     clean_stale_staging(run.path)
+    root_made = not run.path.parent.exists()  # staging creates run.root too: a failure removes it again
+    try:
+        return _build(cfg, run, inputs, corpus_fp, log)
+    except BaseException:
+        if root_made and run.path.parent.is_dir() and not any(run.path.parent.iterdir()):
+            run.path.parent.rmdir()
+        raise
+
+
+def _build(cfg: Config, run: RunDir, inputs: list[InputFile], corpus_fp: str,
+           log: Callable[[str], None]) -> PrepareSummary:
     with staged_directory(run.path) as stage:
         if cfg.tokenizer.path:
             tokenizer = load_tokenizer(cfg.resolve(cfg.tokenizer.path), cfg.tokenizer)
@@ -68,9 +79,10 @@ def prepare(cfg: Config, force: bool = False, log: Callable[[str], None] = print
         tokenizer.save_pretrained(str(stage / "tokenizer"))
         summary = _write_shards(cfg, inputs, tokenizer, stage / "corpus", stage / "id_index.parquet", log)
         _check_unique_ids(stage / "id_index.parquet", inputs, stage)
-        summary.run_dir, summary.tokenizer, summary.fingerprint = str(run.path.resolve()), origin, fingerprint
+        summary.run_dir, summary.tokenizer, summary.fingerprint = str(run.path.resolve()), origin, corpus_fp
         write_marker(stage / "corpus", summary.__dict__ | {"reused": False})
         atomic_write_text(stage / "config.yaml", cfg.dump_yaml())
+        write_run_marker(run.path, cfg.run.id)  # from now on the directory is a run's, which steps may replace
         # The corpus marker decides "prepared": drop the old one first and move the corpus in
         # last, so a crash in between leaves "not prepared", never a new tokenizer + old corpus.
         (run.corpus / SUCCESS).unlink(missing_ok=True)
@@ -78,6 +90,23 @@ def prepare(cfg: Config, force: bool = False, log: Callable[[str], None] = print
         publish(stage / "config.yaml", run.config)
         publish(stage / "corpus", run.corpus)
     return summary
+
+
+def check_run_directory(path: Path) -> None:
+    """Prepare replaces config.yaml, tokenizer/ and corpus/ in the run directory: refuse a directory that is not
+    one (no run marker), unless it is empty (or holds only what a killed first prepare left), so that a run.id or
+    run.root pointing at the user's own files never replaces them."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: the run directory (run.root/run.id) exists and is not a directory")
+    if not path.is_dir() or is_run_directory(path):
+        return
+    # the launcher's Slurm logs (<run>/slurm/, made before the prepare job runs) are ours too, and left alone
+    others = sorted(p.name for p in path.iterdir() if not p.name.startswith(STAGING_PREFIX) and p.name != "slurm")
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ConfigError(f"{path}: exists and is not an AutoMixer run directory (no {RUN_MARKER}; it holds "
+                          f"{shown}); prepare would replace its config.yaml, tokenizer/ and corpus/. Pick another "
+                          "run.id or run.root, or an empty directory")
 
 
 def _fingerprint(cfg: Config, inputs: list[InputFile]) -> str:
@@ -91,7 +120,7 @@ def _fingerprint(cfg: Config, inputs: list[InputFile]) -> str:
     if tok and tok.is_dir():
         stats += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(tok.iterdir())]
     payload = {"corpus": resolved["corpus"], "tokenizer": resolved["tokenizer"], "files": stats}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(payload)
 
 
 def _batched(docs: Iterable[Document], max_docs: int, max_chars: int = BATCH_MAX_CHARS) -> Iterator[list[Document]]:
@@ -165,6 +194,9 @@ def _write_shards(cfg: Config, inputs: list[InputFile], tokenizer, out: Path, id
 def _check_unique_ids(id_index: Path, inputs: list[InputFile], stage: Path) -> None:
     import duckdb
 
+    from automixer_ops.sqlrun import literal_paths
+
+    index = literal_paths([id_index])  # read_parquet globs: a run path holding '[1]' must read what it names
     con = duckdb.connect()
     try:
         # Grouping by id spills to disk past the memory limit, so any corpus size fits.
@@ -172,14 +204,14 @@ def _check_unique_ids(id_index: Path, inputs: list[InputFile], stage: Path) -> N
         con.execute("SET temp_directory = ?", [str(stage / "duckdb_tmp")])
         con.execute("SET preserve_insertion_order = false")
         n_dup = con.execute("SELECT count(*) FROM (SELECT id FROM read_parquet(?) GROUP BY id "
-                            "HAVING count(*) > 1)", [str(id_index)]).fetchone()[0]
+                            "HAVING count(*) > 1)", [index]).fetchone()[0]
         if n_dup == 0:
             return
         rows = con.execute(
             """WITH dup AS (SELECT id FROM read_parquet($p) GROUP BY id HAVING count(*) > 1
                             ORDER BY min([file_index, line]) LIMIT 3)
                SELECT i.id, i.file_index, i.line FROM read_parquet($p) i JOIN dup USING (id)
-               ORDER BY i.id, i.file_index, i.line""", {"p": str(id_index)}).fetchall()
+               ORDER BY i.id, i.file_index, i.line""", {"p": index}).fetchall()
     finally:
         con.close()
     places: dict[str, list[str]] = {}

@@ -24,9 +24,10 @@ from typing import Callable
 
 import numpy as np
 
+from automixer_ops.checkpoints import TRAINER_STATE, check_checkpoint_dir, list_checkpoints, pick_device
 from automixer_ops.config import Config, ProxySection
 from automixer_ops.errors import AutomixerError, ConfigError
-from automixer_ops.rundir import (RunDir, atomic_write_text, clean_stale_staging, publish, read_marker,
+from automixer_ops.rundir import (RunDir, atomic_write_text, clean_stale_staging, read_marker, publish,
                                   staged_directory, write_marker)
 
 # Llama shapes per preset. Parameter counts (docs/proxy.md) are for a 32,000-token
@@ -39,7 +40,6 @@ PRESETS: dict[str, dict] = {
     "350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816),
     "1.5b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, intermediate_size=5632),
 }
-TRAINER_STATE = "trainer_state.pt"
 
 
 def model_config(preset: str, vocab_size: int, max_positions: int, tokenizer=None):
@@ -59,13 +59,13 @@ def build_token_stream(run: RunDir, tokenizer, log: Callable[[str], None]) -> np
     """All corpus documents as one token array (EOS after each), nanoGPT-style, on disk."""
     import pyarrow.parquet as pq
 
-    path = run.path / "proxy" / "tokens.bin"
+    path = run.proxy / "tokens.bin"
     meta = read_marker(path.parent)
     corpus = read_marker(run.corpus)["fingerprint"]
     dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
     if meta is None or meta.get("corpus") != corpus:  # none yet, or the corpus was prepared again
-        clean_stale_staging(run.path / "proxy")
-        with staged_directory(run.path / "proxy") as stage:
+        clean_stale_staging(run.proxy)
+        with staged_directory(run.proxy) as stage:
             n = 0
             with open(stage / "tokens.bin", "wb") as f:
                 for shard in run.corpus_shards():
@@ -126,23 +126,6 @@ def lr_lambda(p: ProxySection) -> Callable[[int], float]:
     return f
 
 
-def pick_device(wanted: str) -> str:
-    import torch
-
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available")
-    return "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def list_checkpoints(run: RunDir) -> dict[int, Path]:
-    """Complete checkpoints of the run by step (trained or linked)."""
-    out = {}
-    for p in (run.path / "checkpoints").glob("step-*"):
-        if p.name[5:].isdigit() and ((p / "_SUCCESS.json").is_file() or (p / "config.json").is_file()):
-            out[int(p.name[5:])] = p
-    return dict(sorted(out.items()))
-
-
 def train_fingerprint(cfg: Config, run: RunDir) -> dict:
     """What the weights depend on: proxy settings, seed and the prepared corpus."""
     p = asdict(cfg.proxy)
@@ -157,10 +140,17 @@ def train_proxy(cfg: Config, log: Callable[[str], None] = print, stop_after: int
     `stop_after` ends the process's work after that many steps (for tests of resumption).
     """
     run = RunDir(cfg.run_dir)
-    if read_marker(run.corpus) is None:
+    corpus = read_marker(run.corpus)
+    if corpus is None or not isinstance(corpus.get("fingerprint"), str):
         raise AutomixerError(f"{run.corpus}: no prepared corpus; run `automixer prepare` first")
     if cfg.proxy.checkpoints:
         return link_checkpoints(cfg, run, log)
+    linked = linked_checkpoints(run)
+    if linked:
+        # Training would resume from, and then prune, files in the user's own directories.
+        raise ConfigError(f"proxy.checkpoints: empty, but {run.checkpoints} links your own checkpoints "
+                          f"({', '.join(f'{p.name} -> {p.resolve()}' for p in linked[:3])}); a run either links "
+                          "checkpoints or trains its own. Use another run.id to train, or set proxy.checkpoints again")
 
     import torch
     import transformers
@@ -168,7 +158,7 @@ def train_proxy(cfg: Config, log: Callable[[str], None] = print, stop_after: int
 
     transformers.utils.logging.disable_progress_bar()  # per-checkpoint "Writing model shards" bars
     p = cfg.proxy
-    ckpt_root = run.path / "checkpoints"
+    ckpt_root = run.checkpoints
     ckpt_root.mkdir(exist_ok=True)
     clean_stale_staging(ckpt_root)
     fingerprint = train_fingerprint(cfg, run)
@@ -187,7 +177,7 @@ def train_proxy(cfg: Config, log: Callable[[str], None] = print, stop_after: int
     data = PackedBatches(tokens, p.seq_len, p.batch_size, cfg.run.seed)
     device = pick_device(p.device)
 
-    resumable = [s for s, path in existing.items() if (path / TRAINER_STATE).is_file()]
+    resumable = [s for s, path in existing.items() if (path / TRAINER_STATE).is_file() and not path.is_symlink()]
     torch.manual_seed(cfg.run.seed)
     if resumable:
         start = max(resumable)
@@ -204,16 +194,20 @@ def train_proxy(cfg: Config, log: Callable[[str], None] = print, stop_after: int
                                   lr=p.lr, betas=(0.9, 0.95), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(p))
     if resumable:
-        state = torch.load(existing[start] / TRAINER_STATE, map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        state = load_trainer_state(existing[start] / TRAINER_STATE, device)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise AutomixerError(f"{existing[start] / TRAINER_STATE}: does not fit this model and optimizer "
+                                 f"({type(e).__name__}: {e}); delete the run's checkpoints/ to retrain") from None
         log(f"resuming from step {start} ({existing[start]})")
     n_params = sum(w.numel() for w in model.parameters())
     log(f"proxy '{p.preset}': {n_params:,} parameters, {len(tokens):,} corpus tokens, "
         f"{data.n_windows:,} sequences of {p.seq_len}; training steps {start + 1}..{p.max_steps} on {device}")
 
-    log_path = run.path / "proxy" / "train_log.jsonl"
+    log_path = run.proxy / "train_log.jsonl"
     _truncate_log(log_path, start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else _null()
     bar = _progress(start, p.max_steps)
@@ -259,11 +253,37 @@ def train_proxy(cfg: Config, log: Callable[[str], None] = print, stop_after: int
     return list_checkpoints(run)
 
 
+def load_trainer_state(path: Path, device) -> dict:
+    """What _save wrote: tensors, numbers, lists and dicts only, so torch.load's weights_only mode (no arbitrary
+    unpickling: a crafted file cannot run code) reads it."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AutomixerError(f"{path}: not a trainer state train-proxy wrote, or damaged (loaded with "
+                             f"weights_only, which refuses arbitrary objects: {first}); delete the run's "
+                             "checkpoints/ to retrain") from None
+    if not isinstance(state, dict):
+        raise AutomixerError(f"{path}: not a trainer state train-proxy wrote; delete the run's checkpoints/ to retrain")
+    return state
+
+
+def linked_checkpoints(run: RunDir) -> list[Path]:
+    """The run's checkpoints that are links to a user's own directories (proxy.checkpoints)."""
+    return sorted(p for p in run.checkpoints.glob("step-*") if p.is_symlink()) if run.checkpoints.is_dir() else []
+
+
 def _save(run: RunDir, step: int, model, tokenizer, optimizer, scheduler, fingerprint: dict, loss: float) -> None:
     import torch
 
-    root = run.path / "checkpoints"
-    previous = [s for s, path in list_checkpoints(run).items() if (path / TRAINER_STATE).exists()]
+    root = run.checkpoints
+    # Never a linked checkpoint: its trainer_state.pt is in the user's directory.
+    previous = [s for s, path in list_checkpoints(run).items()
+                if (path / TRAINER_STATE).exists() and not path.is_symlink()]
     with staged_directory(root) as stage:
         model.save_pretrained(str(stage / "model"))
         tokenizer.save_pretrained(str(stage / "model"))
@@ -273,7 +293,7 @@ def _save(run: RunDir, step: int, model, tokenizer, optimizer, scheduler, finger
         publish(stage / "model", root / f"step-{step}")
     # Only the latest checkpoint needs optimizer state to resume; the others stay plain HF dirs.
     for s in previous:
-        if s != step:
+        if s != step and not (root / f"step-{s}").is_symlink():
             (root / f"step-{s}" / TRAINER_STATE).unlink(missing_ok=True)
 
 
@@ -308,37 +328,43 @@ class _null:
 
 
 def link_checkpoints(cfg: Config, run: RunDir, log: Callable[[str], None]) -> dict[int, Path]:
-    """Bring-your-own: validate the user's checkpoint dirs and link them as checkpoints/step-<N>."""
-    from transformers import AutoTokenizer
+    """Bring-your-own: validate the user's checkpoint dirs and link them as checkpoints/step-<N>.
 
-    run_vocab = AutoTokenizer.from_pretrained(str(run.tokenizer)).get_vocab()
-    root = run.path / "checkpoints"
-    root.mkdir(exist_ok=True)
-    listed = {f"step-{c.step}" for c in cfg.proxy.checkpoints}
-    for old in root.glob("step-*"):
-        if old.is_symlink() and old.name not in listed:  # dropped from the config since the last run
-            old.unlink()
+    Everything is checked before anything in the run changes; the user's directories are only read (the run
+    holds symlinks to them, and removes only its own links)."""
+    root = run.checkpoints
+    trained = sorted(p for p in root.glob("step-*") if not p.is_symlink()) if root.is_dir() else []
+    if trained:
+        raise ConfigError(f"proxy.checkpoints: given, but {root} holds checkpoints this run trained "
+                          f"({', '.join(p.name for p in trained[:3])}); a run either trains or links checkpoints. "
+                          "Use another run.id for your own checkpoints")
+    run_vocab = _tokenizer_vocab(run.tokenizer, f"{run.tokenizer}")
+    sources = {}
     for ref in sorted(cfg.proxy.checkpoints, key=lambda c: c.step):
         src = cfg.resolve(ref.path).resolve()
         where = f"proxy.checkpoints (step {ref.step}): {src}"
-        if not (src / "config.json").is_file():
-            raise ConfigError(f"{where}: not a Hugging Face checkpoint directory (no config.json)")
-        if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
-            raise ConfigError(f"{where}: holds no model weights (*.safetensors or *.bin)")
-        vocab = json.loads((src / "config.json").read_text()).get("vocab_size")
-        if vocab is not None and vocab < len(run_vocab):
+        config = check_checkpoint_dir(src, where)
+        vocab = config.get("vocab_size")
+        if isinstance(vocab, int) and vocab < len(run_vocab):
             raise ConfigError(f"{where}: model vocabulary ({vocab}) is smaller than the run's tokenizer "
                               f"({len(run_vocab)}); set tokenizer.path to the checkpoints' own tokenizer")
-        if (src / "tokenizer_config.json").is_file() and \
-                AutoTokenizer.from_pretrained(str(src)).get_vocab() != run_vocab:
+        if (src / "tokenizer_config.json").is_file() and _tokenizer_vocab(src, where) != run_vocab:
             raise ConfigError(f"{where}: its tokenizer differs from the run's; set tokenizer.path to the "
                               "checkpoints' own tokenizer so the corpus is tokenized as the model was trained")
         link = root / f"step-{ref.step}"
-        if link.is_symlink() or link.exists():
-            if link.resolve() == src:
-                continue
+        if (link.is_symlink() or link.exists()) and link.resolve() != src:
             raise ConfigError(f"{where}: the run already has a different {link}")
-        tmp = root / f".staging-link-{ref.step}"
+        sources[ref.step] = src
+    root.mkdir(exist_ok=True)
+    listed = {f"step-{s}" for s in sources}
+    for old in root.glob("step-*"):
+        if old.is_symlink() and old.name not in listed:  # dropped from the config since the last run
+            old.unlink()  # the link only, never what it points at
+    for step, src in sources.items():
+        link = root / f"step-{step}"
+        if link.is_symlink() and link.resolve() == src:
+            continue
+        tmp = root / f".staging-link-{step}"
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(src, target_is_directory=True)
         os.replace(tmp, link)
@@ -347,6 +373,11 @@ def link_checkpoints(cfg: Config, run: RunDir, log: Callable[[str], None]) -> di
     return found
 
 
-def checkpoint_tokenizer_dir(run: RunDir, ckpt: Path) -> Path:
-    """A checkpoint's own tokenizer when it has one (ours always do), else the run's."""
-    return ckpt if (ckpt / "tokenizer_config.json").is_file() else run.tokenizer
+def _tokenizer_vocab(path: Path, where: str) -> dict:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False).get_vocab()
+    except Exception as e:  # transformers raises OSError, ValueError, ... for a broken tokenizer directory
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: cannot load its tokenizer: {first}") from None

@@ -1,7 +1,7 @@
 """`automixer select`: the checkpoint where each task peaks, and the samplers (DESIGN §2).
 
 Metric per task: acc_norm where the task reports it, else acc; a likelihood-only custom
-task has only perplexity, where lower is better. Best checkpoint = the best value over
+task has bits_per_byte (and perplexity where finite), where lower is better. Best checkpoint = the best value over
 steps, ties to the earliest step. The k <= m distinct best steps become the samplers, each
 with its task set and blending factor α_j = s̃_j / Σ s̃_i, s̃_j = s_j / max_i s_i.
 The progression ratio (best step / last step) per task is the paper's Table 1.
@@ -9,51 +9,12 @@ The progression ratio (best step / last step) per task is the paper's Table 1.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
 from automixer_ops.errors import AutomixerError
 from automixer_ops.rundir import RunDir, atomic_write_text
-
-METRIC_PREFERENCE = ("acc_norm", "acc", "perplexity")
-LOWER_IS_BETTER = {"perplexity"}
-
-
-@dataclass
-class TaskChoice:
-    task: str
-    metric: str
-    best_step: int
-    best_value: float
-    last_step: int
-    last_value: float
-    progression: float  # best_step / last_step
-
-
-@dataclass
-class Sampler:
-    step: int
-    tasks: list[str]
-    alpha: float
-    checkpoint: str = ""
-
-
-@dataclass
-class Selection:
-    tasks: dict[str, TaskChoice]
-    samplers: list[Sampler]
-
-    def to_json(self) -> str:
-        return json.dumps({"metric_preference": list(METRIC_PREFERENCE),
-                           "tasks": {k: asdict(v) for k, v in self.tasks.items()},
-                           "samplers": [asdict(s) for s in self.samplers]}, indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> "Selection":
-        data = json.loads(text)
-        return cls({k: TaskChoice(**v) for k, v in data["tasks"].items()}, [Sampler(**s) for s in data["samplers"]])
+from automixer_ops.samplers import LOWER_IS_BETTER, METRIC_PREFERENCE, Sampler, Selection, TaskChoice
 
 
 def select_samplers(rows: Iterable[dict]) -> Selection:
@@ -89,15 +50,16 @@ def select(run_dir: Path) -> Selection:
     import pyarrow.parquet as pq
 
     run = RunDir(run_dir)
-    bench = run.path / "eval" / "benchmark.parquet"
+    bench = run.benchmark
     if not bench.is_file():
         raise AutomixerError(f"{bench}: not found; run `automixer evaluate` first")
     rows = pq.read_table(bench).to_pylist()
     selection = select_samplers(rows)
     for s in selection.samplers:
-        s.checkpoint = str(run.path / "checkpoints" / f"step-{s.step}")
-    atomic_write_text(run.path / "selection.json", selection.to_json())
-    plot_heatmap(rows, selection, run.path / "eval" / "benchmark_heatmap.png")
+        s.checkpoint = str(run.checkpoint(s.step))
+    selection.check(str(run.selection))
+    atomic_write_text(run.selection, selection.to_json())
+    plot_heatmap(rows, selection, run.heatmap)
     return selection
 
 
@@ -141,18 +103,3 @@ def plot_heatmap(rows: list[dict], selection: Selection, out: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(out)
-
-
-def format_table1(selection: Selection) -> str:
-    """The paper's Table 1 analogue, plus the samplers."""
-    w = max([len("task"), *(len(t) for t in selection.tasks)])
-    lines = [f"{'task':<{w}}  {'metric':<10}  {'best step':>9}  {'value':>8}  {'last step':>9}  {'value':>8}  "
-             f"{'best/last':>9}"]
-    for t, c in selection.tasks.items():
-        lines.append(f"{t:<{w}}  {c.metric:<10}  {c.best_step:>9}  {c.best_value:>8.4f}  {c.last_step:>9}  "
-                     f"{c.last_value:>8.4f}  {c.progression:>9.2f}")
-    lines.append("")
-    lines.append(f"{len(selection.samplers)} sampler(s) for {len(selection.tasks)} task(s):")
-    for s in selection.samplers:
-        lines.append(f"  step {s.step:>6}  alpha {s.alpha:.4f}  tasks: {', '.join(s.tasks)}")
-    return "\n".join(lines)

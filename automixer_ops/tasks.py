@@ -5,7 +5,9 @@
   the data source, so prompts, targets and metrics are exactly lm-eval's.
 * Without it, targets resolve the usual way (lm-eval's task index, data from the hub).
 * A custom task is a JSONL file: {context, choices, gold} (multiple choice, accuracy) or
-  {context, continuation} (likelihood only, perplexity).
+  {context, continuation} (likelihood only: bits per byte of the continuation, and perplexity
+  where it is finite; lm-eval's perplexity is exp of a document's summed NLL, which overflows a
+  float for continuations of a few hundred characters).
 
 `validation_pairs` turns a task's documents into the (context, gold continuation) pairs
 lm-eval itself would score, for the influence step's validation loss.
@@ -13,15 +15,17 @@ lm-eval itself would score, for the influence step's validation loss.
 
 from __future__ import annotations
 
+import glob
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from automixer_ops.config import Config, CustomTask
-from automixer_ops.errors import ConfigError
-from automixer_ops.rundir import atomic_write_text
+from automixer_ops.errors import AutomixerError, ConfigError
+from automixer_ops.rundir import RunDir, atomic_write_text
 
 # Bundled YAML of each of the paper's tasks, relative to lm_eval/tasks (found by a scan otherwise).
 BUNDLED = {
@@ -73,8 +77,7 @@ def write_task_yamls(cfg: Config, out: Path) -> TaskSetup:
     Each file is replaced atomically and only stale ones are removed, so evaluations of
     several checkpoints running at once (mapped Airflow tasks) never see a missing YAML.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    written = set()
+    specs = {}  # every task checked before anything is written
     data_dir = cfg.resolve(cfg.tasks.data_dir).resolve() if cfg.tasks.data_dir else None
     for task in cfg.tasks.targets:
         if data_dir is None:
@@ -85,17 +88,17 @@ def write_task_yamls(cfg: Config, out: Path) -> TaskSetup:
             raise ConfigError(f"tasks.data_dir: no local copy of {task!r} (expected {local[0]} or {local[1]}); "
                               "add it, or drop tasks.data_dir to load tasks the usual way")
         split = found[0].stem
-        spec = {"include": str(bundled_yaml(task)), "task": task, "dataset_path": "json", "dataset_name": None,
-                "dataset_kwargs": {"data_files": {split: str(found[0])}},
-                "training_split": None, "validation_split": split if split == "validation" else None,
-                "test_split": split if split == "test" else None, "fewshot_split": None}
-        atomic_write_text(out / f"{task}.yaml", yaml.safe_dump(spec, sort_keys=False))
-        written.add(f"{task}.yaml")
+        specs[task] = {"include": str(bundled_yaml(task)), "task": task, "dataset_path": "json",
+                       "dataset_name": None, "dataset_kwargs": {"data_files": {split: data_file(found[0])}},
+                       "training_split": None, "validation_split": split if split == "validation" else None,
+                       "test_split": split if split == "test" else None, "fewshot_split": None}
     for task in cfg.tasks.custom:
-        atomic_write_text(out / f"{task.name}.yaml", yaml.safe_dump(custom_task_yaml(cfg, task), sort_keys=False))
-        written.add(f"{task.name}.yaml")
+        specs[task.name] = custom_task_yaml(cfg, task)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, spec in specs.items():
+        atomic_write_text(out / f"{name}.yaml", yaml.dump(spec, Dumper=_TaskDumper, sort_keys=False))
     for old in out.glob("*.yaml"):
-        if old.name not in written:
+        if old.stem not in specs:
             old.unlink(missing_ok=True)
     return TaskSetup(out, cfg.tasks.names(), include_defaults=data_dir is None and bool(cfg.tasks.targets))
 
@@ -104,14 +107,52 @@ def custom_task_yaml(cfg: Config, task: CustomTask) -> dict:
     path = cfg.resolve(task.path).resolve()
     kind = check_custom_jsonl(path, f"tasks.custom ({task.name})")
     spec = {"task": task.name, "dataset_path": "json", "dataset_name": None,
-            "dataset_kwargs": {"data_files": {"test": str(path)}}, "test_split": "test",
+            "dataset_kwargs": {"data_files": {"test": data_file(path)}}, "test_split": "test",
             "doc_to_text": "{{context}}"}
     if kind == "multiple_choice":
         return {**spec, "output_type": "multiple_choice", "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
                 "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
                                 for m in ("acc", "acc_norm")]}
+    # Not lm-eval's `perplexity` aggregation: exp(mean summed NLL) overflows, in the value and in its bootstrap
+    # stderr (OverflowError), once continuations run to a few hundred characters. bits_per_byte cannot overflow.
     return {**spec, "output_type": "loglikelihood", "doc_to_target": "{{continuation}}",
-            "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}]}
+            "process_results": LmEvalFunction(f"{__name__}.likelihood_results"),
+            "metric_list": [{"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
+                            {"metric": "perplexity", "aggregation": LmEvalFunction(f"{__name__}.finite_perplexity"),
+                             "higher_is_better": False}]}
+
+
+def likelihood_results(doc: dict, results) -> dict:
+    """lm-eval process_results of a likelihood-only custom task: per document (log-likelihood of the
+    continuation, its UTF-8 bytes) for bits_per_byte, and the log-likelihood for perplexity."""
+    ll, _is_greedy = results[0]
+    return {"bits_per_byte": (ll, len(doc["continuation"].encode("utf-8"))), "perplexity": ll}
+
+
+def finite_perplexity(items: list[float]) -> float:
+    """lm-eval's perplexity, exp(-mean log-likelihood), or inf where that overflows a float (evaluate leaves
+    non-finite values out of the benchmark table). A function of ours, so lm-eval does not bootstrap a stderr."""
+    try:
+        return math.exp(-sum(items) / len(items))
+    except OverflowError:
+        return math.inf
+
+
+class LmEvalFunction(str):
+    """A `!function module.name` reference in a generated lm-eval task YAML."""
+
+
+class _TaskDumper(yaml.SafeDumper):
+    pass
+
+
+_TaskDumper.add_representer(LmEvalFunction, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
+
+
+def data_file(path: Path) -> str:
+    """A path for `datasets`' data_files, which globs: a run or data path holding '[1]' or '*' is escaped so
+    that it names just that file."""
+    return glob.escape(str(path)) if glob.has_magic(str(path)) else str(path)
 
 
 def check_custom_jsonl(path: Path, where: str) -> str:
@@ -122,6 +163,8 @@ def check_custom_jsonl(path: Path, where: str) -> str:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             loc = f"{path}:{lineno}"
+            if not raw.strip():
+                raise ConfigError(f"{loc}: blank line; a custom task file holds one JSON object per line, none empty")
             try:
                 doc = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -180,4 +223,26 @@ def validation_pairs(task, n: int) -> list[dict]:
         else:
             context, continuation = requests[0].arguments
         pairs.append({"task": name, "doc": i, "context": context, "continuation": continuation})
+    return pairs
+
+
+def read_validation_set(run_dir: Path, task: str) -> list[dict]:
+    """A task's (context, continuation) pairs as `evaluate` wrote them to <run>/valsets/<task>.jsonl."""
+    path = RunDir(run_dir).valset(task)
+    if not path.is_file():
+        raise AutomixerError(f"{path}: no validation set for {task!r}; run `automixer evaluate` first")
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            pair = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AutomixerError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        missing = [k for k in ("context", "continuation") if not isinstance(pair, dict) or
+                   not isinstance(pair.get(k), str)]
+        if missing:
+            raise AutomixerError(f"{path}:{n}: needs string fields 'context' and 'continuation' "
+                                 f"(missing or not a string: {', '.join(missing)})")
+        pairs.append(pair)
     return pairs

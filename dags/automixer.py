@@ -21,15 +21,23 @@ ranges (`score --step N --shards A:B`): one map index per range, a few hundred a
 
 **Params** (the trigger form): `config` (absolute path of the run config YAML, visible to
 the workers and to pods / Slurm nodes); `tasks`, `proxy_preset`, `keep_fraction`,
-`token_budget` and free-form `overrides` become `--set section.key=value` on every command
+`token_budget` and `overrides` become `--set section.key=value` on every command
 (empty: the config file's value); `backend` runs the commands here (`local`), in pods
 (`kubernetes`) or as Slurm jobs (`slurm`), with `backend_settings` (a YAML file,
 plugins/automixer_launcher/backends.yaml documents it); `shards_per_task` batches shards.
+Params are single-line text, `overrides` may set only the method's knobs (never a path:
+automixer_launcher/param_checks.py lists them) and `backend_settings` must be a file of
+$AUTOMIXER_BACKENDS_DIR; every task checks this again (a conf key outside the schema is not
+validated by Airflow).
 
 **Pools.** `automixer_gpu` (GPU steps: train_proxy, evaluate, fit, score; slots = GPUs) and
 `automixer_duckdb` (one slot: regroup and mix write automixer.duckdb / mixture/). Create
 them before the first run (`airflow pools set automixer_gpu 1 "GPU steps"`, likewise
 `automixer_duckdb 1`): the scheduler leaves tasks of a missing pool waiting.
+
+**Retries.** `AUTOMIXER_TASK_RETRIES` (default 2, with backoff) apply only where waiting can help: a command
+that exits 75 (transient: another process fits the same sampler or holds its lock) or a Slurm job its cluster
+lost. Exit 2 (bad input, named in one line) and crashes fail the task at once.
 
 **Assets.** `automixer_weights` (after regroup; event extra: group weights, rows) and
 `automixer_mixture` (after mix; rows, tokens, realised shares).
@@ -53,6 +61,8 @@ except ImportError:  # dags/ and plugins/ side by side, as in this repository
 
 from automixer_launcher import BACKENDS, AutomixerStepOperator  # noqa: E402
 from automixer_launcher.asset_metadata import mixture_metadata, weights_metadata  # noqa: E402
+from automixer_launcher.param_checks import (  # noqa: E402
+    ABSOLUTE_PATH_PATTERN, NAME_PATTERN, OVERRIDABLE, OVERRIDE_PATTERN)
 
 # One task group per possible sampler: the default config's 8 target tasks (k <= m).
 SAMPLER_SLOTS = int(os.environ.get("AUTOMIXER_SAMPLER_SLOTS", "8"))
@@ -67,11 +77,11 @@ WEIGHTS = Asset(name="automixer_weights", uri="x-automixer://weights", group="au
 MIXTURE = Asset(name="automixer_mixture", uri="x-automixer://mixture", group="automixer")
 
 PARAMS = {
-    "config": Param(DEFAULT_CONFIG, type="string", pattern="^/", minLength=2, title="Run config",
+    "config": Param(DEFAULT_CONFIG, type="string", pattern=ABSOLUTE_PATH_PATTERN, minLength=2, title="Run config",
                     description="Absolute path of the run config YAML (configs/demo.yaml is the embedded "
                                 "demo). Must be readable where the commands run."),
     "tasks": Param(None, type=["null", "array"], maxItems=SAMPLER_SLOTS, uniqueItems=True,
-                   items={"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_-]*$"}, title="Target tasks",
+                   items={"type": "string", "pattern": NAME_PATTERN}, title="Target tasks",
                    description=f"lm-eval task names (tasks.targets), at most {SAMPLER_SLOTS}; "
                                "empty: the config's."),
     "proxy_preset": Param(None, type=["null", "string"], enum=[None, *PROXY_PRESETS], title="Proxy preset",
@@ -82,15 +92,18 @@ PARAMS = {
     "token_budget": Param(None, type=["null", "integer"], minimum=1, title="Token budget",
                           description="mix.token_budget (tokens in the mixture); empty: the config's."),
     "overrides": Param([], type=["null", "array"], title="More overrides",
-                       items={"type": "string", "pattern": r"^[a-z_]+(\.[a-z_]+)+=.*$"},
-                       description="Any other config values as section.key=value (YAML value)."),
+                       items={"type": "string", "pattern": OVERRIDE_PATTERN},
+                       description="More config values as section.key=value (YAML value), for these keys only "
+                                   f"(paths stay in the config file): {', '.join(OVERRIDABLE)}."),
     "backend": Param(os.environ.get("AUTOMIXER_BACKEND", "local"), type="string", enum=list(BACKENDS),
                      title="Backend", description="Where commands run: a subprocess of the worker (local), "
                                                   "a Kubernetes pod or a Slurm job."),
-    "backend_settings": Param(os.environ.get("AUTOMIXER_BACKENDS_FILE"), type=["null", "string"], pattern="^/",
-                              title="Backend settings file",
+    "backend_settings": Param(os.environ.get("AUTOMIXER_BACKENDS_FILE"), type=["null", "string"],
+                              pattern=ABSOLUTE_PATH_PATTERN, title="Backend settings file",
                               description="YAML merged over plugins/automixer_launcher/backends.yaml "
-                                          "(image, GPUs, node selector, volumes, partition...)."),
+                                          "(image, GPUs, node selector, volumes, partition...); a file in "
+                                          "$AUTOMIXER_BACKENDS_DIR on the workers (default: the plugin's "
+                                          "directory) or the one $AUTOMIXER_BACKENDS_FILE names."),
     "shards_per_task": Param(None, type=["null", "integer"], minimum=1, title="Shards per scoring task",
                              description=f"Corpus shards per score map index; empty: as few as keep each "
                                          f"sampler under {MAX_SCORE_TASKS} map indices."),
@@ -120,15 +133,22 @@ def _run_config(params):
 
 
 def _samplers(cfg):
-    from automixer_ops.selection import Selection
+    from automixer_ops.errors import AutomixerError
+    from automixer_ops.rundir import RunDir
+    from automixer_ops.samplers import read_selection
 
-    return Selection.from_json((cfg.run_dir / "selection.json").read_text()).samplers
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        return read_selection(RunDir(cfg.run_dir)).samplers
+    except AutomixerError as e:
+        raise AirflowFailException(str(e)) from None
 
 
 @task(task_id="find_checkpoints")
 def checkpoint_args(params=None) -> list[list[str]]:
     """The proxy run's checkpoints, one `evaluate --step N` per map index."""
-    from automixer_ops.proxy import list_checkpoints
+    from automixer_ops.checkpoints import list_checkpoints
     from automixer_ops.rundir import RunDir
 
     from airflow.sdk.exceptions import AirflowFailException
@@ -170,12 +190,15 @@ def sampler_step(slot: int, params=None) -> str:
 @task(task_id="shards")
 def shard_ranges(step: str, params=None) -> list[list[str]]:
     """`score --step N --shards A:B` arguments: the corpus shards in ranges, a few hundred at most."""
+    from automixer_ops.rundir import RunDir
+
     from airflow.sdk.exceptions import AirflowFailException
 
     cfg = _run_config(params)
-    n = len(sorted((cfg.run_dir / "corpus").glob("part-*.parquet")))
+    run = RunDir(cfg.run_dir)
+    n = len(run.corpus_shards())
     if n == 0:
-        raise AirflowFailException(f"{cfg.run_dir / 'corpus'}: no part-*.parquet shards")
+        raise AirflowFailException(f"{run.corpus}: no part-*.parquet shards")
     per = params.get("shards_per_task") or max(1, math.ceil(n / MAX_SCORE_TASKS))
     ranges = [(a, min(a + per, n)) for a in range(0, n, per)]
     print(f"step {step}: {n} shards in {len(ranges)} scoring tasks of at most {per}")

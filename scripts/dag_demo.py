@@ -107,14 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {task_id:24s} " + ", ".join(f"{k} x{v}" if v > 1 else k for k, v in counts.items()))
 
     from automixer_ops.config import load_config  # after the run: the package is only needed here
+    from automixer_ops.rundir import RunDir
 
-    run_dir = load_config(conf["config"], _overrides(conf)).run_dir
+    rd = RunDir(load_config(conf["config"], _overrides(conf)).run_dir)
     print(f"\n== DAG run {run.run_id}: {run.state} in {time.monotonic() - started:.0f} s")
-    print(f"run directory: {run_dir}")
-    print(f"weights:       {run_dir / 'mixture' / 'weights.json'}")
-    print(f"DuckDB:        {run_dir / 'automixer.duckdb'}  (tables: weights, groups, joint_scores, ...)")
-    print(f"mixture:       {run_dir / 'mixture'}/part-*.parquet")
-    print(f"report:        {run_dir / 'report'}")
+    print(f"run directory: {rd.path}")
+    print(f"weights:       {rd.mixture / 'weights.json'}")
+    print(f"DuckDB:        {rd.db}  (tables: weights, groups, joint_scores, ...)")
+    print(f"mixture:       {rd.mixture}/part-*.parquet")
+    print(f"report:        {rd.report}")
     print(f"Airflow home:  {home}  (task logs under logs/)")
     return 0 if str(run.state) in ("success", "DagRunState.SUCCESS") else 1
 

@@ -109,7 +109,7 @@ def linked_scoring_run(tmp: Path, trained_dir: Path, small_corpus: Path, run_id:
     from automixer_ops.config import load_config
     from automixer_ops.prepare import prepare
     from automixer_ops.proxy import train_proxy
-    from automixer_ops.selection import Selection
+    from automixer_ops.samplers import Selection
 
     refs = [{"step": s, "path": str(path)} for s, path in checkpoints.items()]
     config = proxy_config(tmp, small_corpus, run_id, checkpoints=refs)
@@ -130,7 +130,7 @@ def linked_scoring_run(tmp: Path, trained_dir: Path, small_corpus: Path, run_id:
 @pytest.fixture(scope="session")
 def scoring_run(trained, small_corpus, tmp_path_factory):
     """The tiny trained proxy's checkpoints linked into a run of 4 corpus shards, with two samplers."""
-    from automixer_ops.selection import Sampler
+    from automixer_ops.samplers import Sampler
 
     _, trained_dir = trained
     return linked_scoring_run(

@@ -112,5 +112,5 @@ def test_yaml_quirks_and_ranges(tmp_path):
     assert cfg.proxy.lr == 3e-4 and cfg.tokenizer.vocab_size == 512  # YAML 1.1 reads 3e-4 as a string
     with pytest.raises(ConfigError, match="proxy.lr: expected a number, got str 'fast'"):
         _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\nproxy: {lr: fast}\n")
-    with pytest.raises(ConfigError, match="run.seed: must be >= 0, got -1"):
+    with pytest.raises(ConfigError, match=r"run.seed: must be in \[0, 4294967295\].*got -1"):
         _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\nrun: {seed: -1}\n")

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +11,8 @@ from conftest import ROOT, proxy_config, write_jsonl
 from automixer_ops.cli import main
 from automixer_ops.config import load_config
 from automixer_ops.errors import ConfigError
-from automixer_ops.evaluate import evaluate, read_validation_set
+from automixer_ops.evaluate import evaluate
+from automixer_ops.tasks import read_validation_set
 from automixer_ops.prepare import prepare
 from automixer_ops.proxy import train_proxy
 from automixer_ops.tasks import write_task_yamls
@@ -58,10 +58,12 @@ def test_benchmark_table_has_real_lm_eval_metrics(evaluated):
     rows = pq.read_table(cfg.run_dir / "eval" / "benchmark.parquet").to_pylist()
     got = {(r["step"], r["task"], r["metric"]) for r in rows}
     expected = {(s, t, m) for s in (1000, 3000) for t in ("arc_easy", "piqa", "my_mc") for m in ("acc", "acc_norm")}
-    assert got == expected | {(s, "my_ll", "perplexity") for s in (1000, 3000)}
+    assert got == expected | {(s, "my_ll", m) for s in (1000, 3000) for m in ("bits_per_byte", "perplexity")}
     for r in rows:
         if r["metric"] == "perplexity":
             assert r["value"] > 1 and r["n_docs"] == 2
+        elif r["metric"] == "bits_per_byte":
+            assert 0 < r["value"] < 64 and r["n_docs"] == 2
         else:
             assert 0 <= r["value"] <= 1 and r["stderr"] > 0
             assert r["n_docs"] == {"my_mc": 6}.get(r["task"], 20)
@@ -155,7 +157,7 @@ def test_checkpoint_identity_follows_the_weights(trained, tmp_path):
     import os
     import shutil
 
-    from automixer_ops.evaluate import checkpoint_identity
+    from automixer_ops.checkpoints import checkpoint_identity
 
     _, run_dir = trained
     copy = tmp_path / "ckpt"
@@ -168,7 +170,7 @@ def test_checkpoint_identity_follows_the_weights(trained, tmp_path):
 
 def test_a_bad_validation_set_line_is_named_by_file_and_line(tmp_path):
     from automixer_ops.errors import AutomixerError
-    from automixer_ops.evaluate import read_validation_set
+    from automixer_ops.tasks import read_validation_set
 
     path = tmp_path / "valsets" / "piqa.jsonl"
     path.parent.mkdir()
@@ -181,3 +183,43 @@ def test_a_bad_validation_set_line_is_named_by_file_and_line(tmp_path):
         read_validation_set(tmp_path, "piqa")
     path.write_text(good + "\n")
     assert read_validation_set(tmp_path, "piqa") == [json.loads(good)]
+
+
+def test_long_likelihood_only_continuations_do_not_overflow(trained, small_corpus, tmp_path, capsys):
+    """Continuations of 2,000 characters: lm-eval's perplexity, exp(summed NLL), overflows a float (and its bootstrap
+    stderr raised OverflowError, exit 1); bits_per_byte is reported instead, perplexity only where it is finite."""
+    import math
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from automixer_ops.proxy import model_config
+
+    _, trained_dir = trained
+    texts = [json.loads(line)["text"] for path in sorted((ROOT / "data" / "corpus").glob("*.jsonl"))
+             for line in path.read_text(encoding="utf-8").splitlines()[:40]]
+    long = [t for t in texts if len(t) >= 2000][:3]
+    assert len(long) == 3
+    write_jsonl(tmp_path / "long.jsonl", [{"context": "Read this:", "continuation": " " + t[:1999]} for t in long])
+    # The tiny proxy's 256 positions hold no 2,000-character continuation: a tiny model with 2,048 (untrained:
+    # its summed NLL is larger still).
+    tok = AutoTokenizer.from_pretrained(str(trained_dir / "tokenizer"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(model_config("tiny", len(tok), 2048, tok)).save_pretrained(str(tmp_path / "wide"))
+    tok.save_pretrained(str(tmp_path / "wide"))
+    config = proxy_config(tmp_path, small_corpus, "long", checkpoints=[{"step": 10, "path": str(tmp_path / "wide")}])
+    raw = yaml.safe_load(config.read_text())
+    raw["tokenizer"]["path"] = str(trained_dir / "tokenizer")
+    raw["tasks"] = {"targets": [], "custom": [{"name": "long_ll", "path": "long.jsonl"}]}
+    raw["evaluate"] = {"batch_size": 4}
+    raw["influence"] = {"val_docs_per_task": 2}
+    config.write_text(yaml.safe_dump(raw))
+    for step in ("prepare", "train-proxy", "evaluate"):
+        assert main([step, "-c", str(config)]) == 0, capsys.readouterr().err
+    rows = pq.read_table(load_config(config).run_dir / "eval" / "benchmark.parquet").to_pylist()
+    by_metric = {r["metric"]: r for r in rows if r["task"] == "long_ll"}
+    assert "bits_per_byte" in by_metric, rows
+    assert math.isfinite(by_metric["bits_per_byte"]["value"]) and by_metric["bits_per_byte"]["value"] > 0
+    assert by_metric["bits_per_byte"]["n_docs"] == 3
+    # A summed NLL of hundreds of tokens: exp() of it is past a float, so no perplexity row (never inf or NaN).
+    assert "perplexity" not in by_metric
+    assert all(math.isfinite(r["value"]) for r in rows)

@@ -227,7 +227,7 @@ def test_a_tied_checkpoint_is_scored_as_one_layer_and_matches_the_in_memory_fit(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from automixer_ops.influence.score import Scorer, score
-    from automixer_ops.selection import Sampler
+    from automixer_ops.samplers import Sampler
 
     _, trained_dir = trained
     src = trained_dir / "checkpoints" / "step-30"
@@ -406,7 +406,7 @@ def test_validation_pairs_are_cut_from_the_left_like_lm_eval(scoring_run, monkey
     scorer = Scorer(cfg, 10, log=lambda _: None)
     pairs = [{"doc": 0, "context": "Question: which", "continuation": " one of these is the longest answer here"},
              {"doc": 1, "context": "Q:", "continuation": " yes"}]
-    monkeypatch.setattr("automixer_ops.evaluate.read_validation_set", lambda run_dir, task: pairs)
+    monkeypatch.setattr("automixer_ops.tasks.read_validation_set", lambda run_dir, task: pairs)
     batch = next(b for b, _ in scorer.validation_batches())
     enc = scorer.tokenizer.backend_tokenizer
     for p, row, mask, weight in zip(pairs, batch.input_ids, batch.attention_mask, batch.loss_weight):
@@ -429,7 +429,7 @@ def test_shard_jobs_need_a_current_fit_and_name_bad_ranges(scoring_run, tmp_path
     score(cfg, step=10, fit_only=True, log=lambda _: None)
     out = cfg.run_dir / "scores" / "step=10"
     assert (out / "fit.json").is_file() and not list(out.glob("part-*.parquet"))
-    with pytest.raises(AutomixerError, match="--shards '7:9': the corpus has shards 0..3"):
+    with pytest.raises(AutomixerError, match="--shards '7:9': START must be a shard of the corpus, 0..3"):
         score(cfg, step=10, shards="7:9", log=lambda _: None)
     score(cfg, step=10, shards="1:3", log=lambda _: None)
     assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-00001.parquet", "part-00002.parquet"]
@@ -513,7 +513,7 @@ def test_sgd_on_the_top_decile_lowers_validation_loss_more_than_on_the_bottom_de
             return sum(float((BatchGrads(model, b).loss_per_sample * c).sum()) for b, c in val)
 
     def after_sgd(subset):
-        model = AutoModelForCausalLM.from_pretrained(str(scorer.sampler.checkpoint), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(scorer.checkpoint), dtype=torch.float32)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         batch = make_batch([d.ids for d in subset], [1] * len(subset), scorer.pad)
         for _ in range(3):

@@ -37,6 +37,12 @@ def _operators_outside_task_runner(monkeypatch):
     monkeypatch.setattr(ExecutorSafeguard, "test_mode", True)
 
 
+@pytest.fixture(autouse=True)
+def _settings_files_in_tmp_path(monkeypatch, tmp_path):
+    # The tests' backend settings files live in tmp_path: the directory the launcher accepts them from.
+    monkeypatch.setenv("AUTOMIXER_BACKENDS_DIR", str(tmp_path))
+
+
 def context(params: dict, map_index: int = -1) -> dict:
     ti = mock.MagicMock(map_index=map_index, dag_id="automixer", task_id="t", run_id="r", try_number=1)
     return {"params": params, "ti": ti, "run_id": "r", "dag": mock.MagicMock(parent_dag=None),
@@ -111,11 +117,14 @@ def test_local_backend_bad_input_fails_without_retry_naming_command_and_status(t
     assert f"automixer prepare -c {missing}` exited with status 2" in str(e.value)
 
 
-def test_local_backend_other_failure_is_retryable():
-    with pytest.raises(AirflowException) as e:
-        LocalProcess({"automixer": "false"}).run(["automixer", "score"], log=lambda line: None)
+def test_local_backend_only_the_transient_status_is_retried():
+    with pytest.raises(AirflowException) as e:  # 75: another process holds what the step needs
+        LocalProcess({"automixer": "sh"}).run(["automixer", "-c", "exit 75"], log=lambda line: None)
     assert not isinstance(e.value, AirflowFailException)
-    assert "`false score` exited with status 1" in str(e.value)
+    assert "exited with status 75 (transient" in str(e.value)
+    with pytest.raises(AirflowFailException) as e:  # a crash (a traceback) would crash again
+        LocalProcess({"automixer": "false"}).run(["automixer", "score"], log=lambda line: None)
+    assert "`false score` exited with status 1 (not retried" in str(e.value)
 
 
 def test_local_backend_kill_stops_the_process_tree():

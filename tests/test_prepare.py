@@ -176,7 +176,7 @@ def test_failed_force_keeps_the_previous_corpus(tmp_path, capsys):
     assert run_prepare(config, "--force") == 2
     assert "duplicate document ids" in capsys.readouterr().err
     assert corpus_table(run_dir).equals(before) and (run_dir / "corpus" / SUCCESS).is_file()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "corpus", "tokenizer"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["_AUTOMIXER_RUN.json", "config.yaml", "corpus", "tokenizer"]
 
 
 def test_console_script_help_lists_the_steps():
@@ -210,3 +210,34 @@ def test_directory_inputs_read_data_files_only_and_bad_gzip_is_named(tmp_path, c
     assert run_prepare(write_config(tmp_path / "b.yaml", {"paths": ["c.jsonl.gz"]}, run={"id": "gz"})) == 2
     assert f"error: {tmp_path / 'c.jsonl.gz'}: cannot read past record" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "gz").exists()
+
+
+def test_paths_with_glob_characters_are_read_as_named(tmp_path):
+    """A corpus file, the config's directory and the run root may hold '[1]' or '*': a path that exists is what it
+    names (before, 'data[1].jsonl' was a pattern matching data1.jsonl, and 'exp[1]/' matched nothing)."""
+    base = tmp_path / "exp[1]"
+    write_jsonl(base / "data[1].jsonl", [{"id": "a", "text": "alpha text here"}])
+    write_jsonl(base / "data1.jsonl", [{"id": "other", "text": "not this file"}])
+    write_jsonl(base / "more" / "b.jsonl", [{"id": "b", "text": "beta text here"}])
+    config = write_config(base / "cfg.yaml", {"paths": ["data[1].jsonl", "more/*.jsonl"]}, run={"root": "runs[2]*"})
+    assert run_prepare(config) == 0
+    run_dir = base / "runs[2]*" / "t"
+    assert corpus_table(run_dir).column("id").to_pylist() == ["a", "b"]
+    assert (run_dir / "_AUTOMIXER_RUN.json").is_file()
+    assert run_prepare(config) == 0  # the rerun finds its own corpus and run marker
+
+
+def test_prepare_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
+    write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "alpha text here"}])
+    mine = tmp_path / "runs" / "t"
+    mine.mkdir(parents=True)
+    (mine / "config.yaml").write_text("my own\n")
+    config = write_config(tmp_path / "cfg.yaml", {"paths": ["c.jsonl"]})
+    assert run_prepare(config, "--force") == 2
+    assert "is not an AutoMixer run directory" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["config.yaml"] and (mine / "config.yaml").read_text() == "my own\n"
+    (mine / "config.yaml").unlink()  # an empty directory is the user's way of saying "put the run here"
+    assert run_prepare(config) == 0 and (mine / "_AUTOMIXER_RUN.json").is_file()
+    legacy = tmp_path / "runs" / "t" / "_AUTOMIXER_RUN.json"
+    legacy.unlink()  # a run prepared before the marker existed: its corpus/_SUCCESS.json makes it a run
+    assert run_prepare(config, "--force") == 0

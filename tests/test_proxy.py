@@ -16,7 +16,8 @@ from automixer_ops.config import load_config
 from automixer_ops.errors import ConfigError
 from automixer_ops.prepare import prepare
 from automixer_ops.rundir import RunDir
-from automixer_ops.proxy import PRESETS, TRAINER_STATE, list_checkpoints, model_config, train_proxy
+from automixer_ops.checkpoints import TRAINER_STATE, list_checkpoints
+from automixer_ops.proxy import PRESETS, model_config, train_proxy
 
 def weights(ckpt: Path) -> dict:
     from safetensors.torch import load_file
@@ -140,3 +141,15 @@ def test_dropped_checkpoints_are_unlinked(trained, small_corpus, tmp_path):
     assert list(train_proxy(cfg, log=lambda _: None)) == [10, 20]
     cfg = load_config(proxy_config(tmp_path, small_corpus, "drop", checkpoints=refs[1:]), extra)
     assert list(train_proxy(cfg, log=lambda _: None)) == [20]
+
+
+def test_trainer_state_loads_with_weights_only(trained):
+    """What a checkpoint saves to resume from is tensors, numbers and containers only: torch.load's weights_only
+    mode (which cannot run code from a crafted file) reads it, and train-proxy loads it no other way."""
+    from automixer_ops.proxy import load_trainer_state
+
+    _, run_dir = trained
+    path = run_dir / "checkpoints" / "step-30" / TRAINER_STATE
+    state = torch.load(path, weights_only=True)
+    assert set(state) == {"optimizer", "scheduler", "torch_rng", "step"} and state["step"] == 30
+    assert load_trainer_state(path, "cpu")["scheduler"]["last_epoch"] == 30

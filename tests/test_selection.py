@@ -9,7 +9,8 @@ import yaml
 
 from automixer_ops.cli import main
 from automixer_ops.errors import AutomixerError
-from automixer_ops.selection import Selection, select_samplers
+from automixer_ops.samplers import Selection
+from automixer_ops.selection import select_samplers
 
 STEPS = (100, 200, 300, 400)
 # Hand-made benchmark: task -> metric -> values at STEPS.
@@ -46,7 +47,7 @@ def test_single_checkpoint_for_all_tasks_gets_alpha_one():
 
 
 def test_a_task_without_a_usable_metric_is_an_error():
-    with pytest.raises(AutomixerError, match="task 'f' reports none of acc_norm, acc, perplexity"):
+    with pytest.raises(AutomixerError, match="task 'f' reports none of acc_norm, acc, bits_per_byte, perplexity"):
         select_samplers(rows({"f": {"f1": [0.1, 0.2, 0.3, 0.4]}}))
 
 

@@ -178,6 +178,12 @@ def _operators_outside_task_runner(monkeypatch):
     monkeypatch.setattr(ExecutorSafeguard, "test_mode", True)
 
 
+@pytest.fixture(autouse=True)
+def _settings_files_in_tmp_path(monkeypatch, tmp_path):
+    # The tests' backend settings files live in tmp_path: the directory the launcher accepts them from.
+    monkeypatch.setenv("AUTOMIXER_BACKENDS_DIR", str(tmp_path))
+
+
 def context(params: dict) -> dict:
     return {"params": params, "ti": mock.MagicMock(map_index=2), "outlet_events": mock.MagicMock()}
 
@@ -195,6 +201,37 @@ def test_batch_script_runs_the_cli_argv_with_the_kind_of_steps_options():
         assert f"#SBATCH {opt}" in lines
     assert "module load cuda" in lines and "export A='b c'" in lines
     assert lines[-1] == "exec /opt/venv/bin/automixer score -c '/runs/my run.yaml' --step 300"
+
+
+def test_a_newline_in_a_param_never_runs_on_the_node(slurm, tmp_path):
+    """The probe's injection through a real sbatch: run.root "…\\ntouch …/PWNED #" ended the
+    `#SBATCH --output=` line, and the node ran the rest as a shell line."""
+    pwned = tmp_path / "PWNED"
+    params = {"config": str(ROOT / "configs" / "demo.yaml"), "backend": "slurm",
+              "backend_settings": str(write_backends(tmp_path, slurm)),
+              "overrides": [f'run.root="{tmp_path}/r\\ntouch {pwned} #"']}
+    op = AutomixerStepOperator(task_id="config", step="config")
+    op._log_line = lambda line: None
+    error = None
+    try:
+        op.execute(context(params))
+    except AirflowFailException as e:
+        error = e
+    assert not pwned.exists(), "a param ran as a shell line on the Slurm node"
+    assert error is not None and "'run.root' cannot be set" in str(error)
+    assert op._running is None  # refused before anything was submitted
+
+
+def test_odd_characters_in_the_output_path_reach_sbatch_literally(slurm, tmp_path):
+    # Blanks, '#' and quotes are sbatch's own syntax in #SBATCH lines: quoted, the path arrives whole.
+    log_dir = tmp_path / "logs dir #1 it's \"q\""
+    job = SlurmJob(settings(slurm))
+    lines: list[str] = []
+    job.run(["automixer", "config", "-c", str(ROOT / "configs" / "demo.yaml"), "--set", "run.id=odd"],
+            gpu=False, job_name="automixer-config", log_dir=str(log_dir), log=lines.append)
+    out = log_dir / f"automixer-config-{job.job_id}.out"
+    assert out.is_file(), sorted(str(p) for p in tmp_path.rglob("*.out"))
+    assert "  id: odd" in out.read_text().splitlines() and "  id: odd" in lines
 
 
 def test_a_pipeline_step_runs_as_a_slurm_job_with_its_output_in_the_task_log(slurm, tmp_path, small_corpus):
@@ -236,11 +273,17 @@ def test_a_failing_job_fails_the_task_with_its_exit_status(slurm, tmp_path):
     assert any("config file not found" in line for line in lines)  # the CLI's error, from the job output
 
     job = SlurmJob(settings(slurm, setup=["echo about to fail", "exit 3"]))
+    with pytest.raises(AirflowFailException) as e:  # a crash is not retried either
+        job.run(["automixer", "select", "-c", missing], gpu=False, job_name="automixer-select",
+                log_dir=str(tmp_path / "logs"), log=lines.append)
+    assert "exited with status 3 (not retried" in str(e.value) and "about to fail" in lines
+
+    job = SlurmJob(settings(slurm, setup=["exit 75"]))
     with pytest.raises(AirflowException) as e:
         job.run(["automixer", "select", "-c", missing], gpu=False, job_name="automixer-select",
                 log_dir=str(tmp_path / "logs"), log=lines.append)
-    assert not isinstance(e.value, AirflowFailException)  # other failures are retried
-    assert "exited with status 3" in str(e.value) and "about to fail" in lines
+    assert not isinstance(e.value, AirflowFailException)  # the transient status is retried
+    assert "exited with status 75 (transient" in str(e.value)
 
 
 def test_killing_the_task_cancels_the_job(slurm, tmp_path):

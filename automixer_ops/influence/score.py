@@ -26,10 +26,10 @@ skipped on rerun. NaN or infinite values stop the step and name the documents.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -38,18 +38,17 @@ import numpy as np
 
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError, ConfigError
-from automixer_ops.rundir import RunDir, atomic_write, atomic_write_text, parquet_metadata, read_marker
+from automixer_ops.rundir import (RunDir, atomic_write, atomic_write_text, file_hash, file_lock, fingerprint,
+                                  read_marker, parquet_metadata)
+from automixer_ops.samplers import read_selection
 
 FIT_JSON, FIT_TENSORS, WORK = "fit.json", "fit.safetensors", ".fit"
+# Held exclusively while a fit runs (and its own scoring), shared while `--shards` jobs score with a finished fit:
+# a job that finds it taken exits 75 (transient) and the launcher retries it.
+FIT_LOCK = ".fit.lock"
+FIT_KEYS = {"fingerprint": str, "n": int, "layers": list, "dims": dict, "lambda": dict, "sum_sq_norm": dict}
 WORK_FORMAT = "series-1"  # layout of WORK's files: work left by another layout is not resumed
 CHECKPOINT_EVERY_S = 60.0
-
-
-@dataclass
-class Sampler:
-    step: int
-    tasks: list[str]
-    checkpoint: Path
 
 
 @dataclass
@@ -57,23 +56,6 @@ class Doc:
     id: str
     n_tokens: int
     ids: list[int]  # EOS + the document's first max_seq_len - 1 tokens
-
-
-def samplers(run: RunDir) -> list[Sampler]:
-    from automixer_ops.selection import Selection
-
-    path = run.path / "selection.json"
-    if not path.is_file():
-        raise AutomixerError(f"{path}: not found; run `automixer select` first")
-    return [Sampler(s.step, s.tasks, run.path / "checkpoints" / f"step-{s.step}")
-            for s in Selection.from_json(path.read_text()).samplers]
-
-
-def sampler_at(run: RunDir, step: int) -> Sampler:
-    found = {s.step: s for s in samplers(run)}
-    if step not in found:
-        raise ConfigError(f"--step {step}: not a sampler of this run (samplers: {', '.join(map(str, found))})")
-    return found[step]
 
 
 def parse_shards(spec: str, n: int) -> range:
@@ -84,8 +66,12 @@ def parse_shards(spec: str, n: int) -> range:
         r = range(start, int(hi) if hi else (n if colon else start + 1))
     except ValueError:
         raise ConfigError(f"--shards {spec!r}: expected START:END (0-based, END exclusive) or one index") from None
-    if r.start < 0 or r.start >= max(n, 1) or r.stop <= r.start:
-        raise ConfigError(f"--shards {spec!r}: the corpus has shards 0..{n - 1}")
+    if n == 0:
+        raise ConfigError(f"--shards {spec!r}: the corpus has no shards; run `automixer prepare` first")
+    if r.start < 0 or r.start >= n:
+        raise ConfigError(f"--shards {spec!r}: START must be a shard of the corpus, 0..{n - 1}")
+    if r.stop <= r.start:
+        raise ConfigError(f"--shards {spec!r}: END ({r.stop}) must be greater than START ({r.start})")
     return range(r.start, min(r.stop, n))
 
 
@@ -94,26 +80,27 @@ class Scorer:
 
     def __init__(self, cfg: Config, step: int, log: Callable[[str], None] = print):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from automixer_ops.influence.grads import check_plain_head
-        from automixer_ops.proxy import checkpoint_tokenizer_dir, pick_device
+        from automixer_ops.checkpoints import checkpoint_tokenizer_dir, load_causal_lm, pick_device
 
         self.cfg, self.log, self.inf = cfg, log, cfg.influence
         self.run = RunDir(cfg.run_dir)
         corpus = read_marker(self.run.corpus)
-        if corpus is None:
+        if corpus is None or "fingerprint" not in corpus:
             raise AutomixerError(f"{self.run.corpus}: no prepared corpus; run `automixer prepare` first")
         self.corpus_fingerprint = corpus["fingerprint"]
         self.shards = self.run.corpus_shards()
-        self.sampler = sampler_at(self.run, step)
-        if not (self.sampler.checkpoint / "config.json").is_file():
-            raise AutomixerError(f"{self.sampler.checkpoint}: checkpoint not found")
-        self.out = self.run.path / "scores" / f"step={step}"
+        self.sampler = read_selection(self.run).sampler(step)
+        self.checkpoint = self.run.checkpoint(step)
+        if not (self.checkpoint / "config.json").is_file():
+            raise AutomixerError(f"{self.checkpoint}: checkpoint not found")
+        self.out = self.run.sampler_scores(step)
         self.device = pick_device(self.inf.device)
         self.autocast = torch.bfloat16 if self.inf.precision == "bf16" else None
-        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_tokenizer_dir(self.run, self.sampler.checkpoint)))
-        model = AutoModelForCausalLM.from_pretrained(str(self.sampler.checkpoint), dtype=torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_tokenizer_dir(self.run, self.checkpoint)))
+        model = load_causal_lm(self.checkpoint, torch.float32)
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and self.inf.max_seq_len > limit:
             raise ConfigError(f"influence.max_seq_len: {self.inf.max_seq_len} exceeds the model's "
@@ -122,31 +109,31 @@ class Scorer:
         try:
             check_plain_head(self.model)
         except AutomixerError as e:
-            raise AutomixerError(f"{self.sampler.checkpoint}: {e}") from None
+            raise AutomixerError(f"{self.checkpoint}: {e}") from None
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
 
     # ---------------------------------------------------------------- inputs
 
     def fingerprint(self) -> str:
-        from automixer_ops.evaluate import checkpoint_identity
+        from automixer_ops.checkpoints import checkpoint_identity
 
-        made = read_marker(self.run.path / "valsets")  # absent for validation sets written by hand
+        made = read_marker(self.run.valsets)  # absent for validation sets written by hand
         if made is not None and made.get("val_docs_per_task") != self.inf.val_docs_per_task:
             raise ConfigError(f"influence.val_docs_per_task: {self.inf.val_docs_per_task}, but "
-                              f"{self.run.path / 'valsets'} was written with {made.get('val_docs_per_task')}; "
+                              f"{self.run.valsets} was written with {made.get('val_docs_per_task')}; "
                               "rerun `automixer evaluate` (it rewrites the validation sets)")
-        valsets = {t: _file_hash(self.run.path / "valsets" / f"{t}.jsonl") for t in self.sampler.tasks}
-        payload = {"checkpoint": checkpoint_identity(self.sampler.checkpoint), "corpus": self.corpus_fingerprint,
+        valsets = {t: _valset_hash(self.run.valset(t)) for t in self.sampler.tasks}
+        payload = {"checkpoint": checkpoint_identity(self.checkpoint), "corpus": self.corpus_fingerprint,
                    "valsets": valsets, "max_seq_len": self.inf.max_seq_len, "fit_samples": self.inf.fit_samples,
                    "seed": self.cfg.run.seed if self.inf.fit_samples is not None else None,  # picks the fit set
                    "precision": self.inf.precision}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return fingerprint(payload)
 
     def validation_batches(self):
         import torch
 
-        from automixer_ops.evaluate import read_validation_set
+        from automixer_ops.tasks import read_validation_set
         from automixer_ops.influence.batching import length_batches, make_batch
 
         seqs, firsts, coeffs = [], [], []
@@ -172,7 +159,11 @@ class Scorer:
     def read_shard(self, index: int, fit_only: bool = False) -> list[Doc]:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(self.shards[index], columns=["id", "text", "n_tokens"])
+        try:
+            table = pq.read_table(self.shards[index], columns=["id", "text", "n_tokens"])
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise AutomixerError(f"{self.shards[index]}: not a readable corpus shard ({_first_line(e)}); rerun "
+                                 "`automixer prepare --force`") from None
         ids, texts, n_tokens = (table.column(c).to_pylist() for c in ("id", "text", "n_tokens"))
         rows = range(len(ids))
         if fit_only and self.inf.fit_samples is not None:
@@ -210,7 +201,7 @@ class Scorer:
         from automixer_ops.influence.grads import BatchGrads, Workspace
 
         fp = self.fingerprint()
-        done = self.read_fit_json()
+        done = None if force else self.read_fit_json()  # forced: even a damaged fit.json is replaced
         why = "--force" if force else "inputs changed since the last fit"
         if done is not None and done["fingerprint"] == fp and not force:
             try:
@@ -219,6 +210,7 @@ class Scorer:
                 return fit, fp
             except AutomixerError:
                 why = f"{FIT_TENSORS} is missing or from another fit"
+        val_batches = list(self.validation_batches())  # read and checked before any output is removed
         if done is not None or force:  # forced: a half-done fit's work goes too, not only a finished fit
             self.log(f"step {self.sampler.step}: {why}; refitting and rescoring")
             self.remove_outputs()
@@ -231,7 +223,7 @@ class Scorer:
         atomic_write_text(work / "fingerprint", work_id)
 
         t0 = time.perf_counter()
-        v = weighted_gradient_sum(self.model, self.validation_batches(), autocast_dtype=self.autocast)
+        v = weighted_gradient_sum(self.model, val_batches, autocast_dtype=self.autocast)
         v = {k: t.float() for k, t in v.items()}
         _check_finite(v, "the validation gradient", self.sampler.step)
         self.log(f"step {self.sampler.step}: validation gradient of {', '.join(self.sampler.tasks)} "
@@ -305,10 +297,31 @@ class Scorer:
                  f"({len(docs):,} docs, {time.perf_counter() - t0:.1f} s)")
 
     def read_fit_json(self) -> dict | None:
+        """fit.json, checked for what the steps read from it; None when there is none."""
+        path = self.out / FIT_JSON
         try:
-            return json.loads((self.out / FIT_JSON).read_text())
+            info = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AutomixerError(f"{path}: damaged ({e}); {self.refit_hint()}") from None
+        if not isinstance(info, dict):
+            raise AutomixerError(f"{path}: expected a JSON object; {self.refit_hint()}")
+        for key, kind in FIT_KEYS.items():
+            if not isinstance(info.get(key), kind):
+                raise AutomixerError(f"{path}: field {key!r} is missing or not a JSON {kind.__name__}; "
+                                     f"{self.refit_hint()}")
+        return info
+
+    def refit_hint(self) -> str:
+        return f"rerun `automixer score --step {self.sampler.step} --fit-only --force`"
+
+    def lock(self, shared: bool):
+        """The sampler's fit lock (see FIT_LOCK)."""
+        what = "a fit of" if shared else "a fit or the scoring of"
+        return file_lock(self.out / FIT_LOCK, shared=shared,
+                         busy=f"{self.out / FIT_LOCK}: {what} sampler step {self.sampler.step} is running in another "
+                              "process; retry when it ends")
 
     def write_fit(self, fit, fp: str) -> None:
         from safetensors.torch import save_file
@@ -317,7 +330,7 @@ class Scorer:
         tensors.update({f"v.{k}": t.contiguous().cpu() for k, t in fit.v.items()})
         atomic_write(self.out / FIT_TENSORS, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fp}))
         info = {"fingerprint": fp, "step": self.sampler.step, "tasks": self.sampler.tasks,
-                "checkpoint": str(self.sampler.checkpoint), "n": fit.n, "layers": list(fit.r),
+                "checkpoint": str(self.checkpoint), "n": fit.n, "layers": list(fit.r),
                 "dims": fit.dims, "lambda": fit.lam, "sum_sq_norm": fit.sum_sq, "pass2_reread": fit.reread,
                 "settings": asdict(self.inf), "seed": self.cfg.run.seed,
                 "formula": "utility = sum_l r_l . g_l ; r_l = (v_l - mean_i c_il g_il) / lambda_l"}
@@ -333,12 +346,20 @@ class Scorer:
         info, path = self.read_fit_json(), self.out / FIT_TENSORS
         meta = None
         if path.is_file():
-            with safe_open(str(path), "pt", device=str(self.device)) as f:
-                meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            try:
+                with safe_open(str(path), "pt", device=str(self.device)) as f:
+                    meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            except Exception as e:  # SafetensorError, OSError, ... for a truncated or damaged file
+                raise AutomixerError(f"{path}: damaged ({_first_line(e)}); {self.refit_hint()}") from None
         if info is None or info["fingerprint"] != fp or meta is None or meta.get("fingerprint") != fp:
+            # The caller holds the fit lock, so no fit is running: one was stopped between writing the two files.
             raise AutomixerError(f"{self.out}: {FIT_JSON} and {FIT_TENSORS} are not both from the fit of the current "
-                                 f"inputs (a refit is running or was stopped); rerun `automixer score --step "
+                                 f"inputs (a refit was stopped); rerun `automixer score --step "
                                  f"{self.sampler.step} --fit-only`")
+        missing = [f"{p}.{k}" for k in info["layers"] for p in ("r", "v") if f"{p}.{k}" not in t]
+        if missing:
+            raise AutomixerError(f"{path}: no tensor {', '.join(missing)} for the layers fit.json lists; "
+                                 f"{self.refit_hint()}")
         return Fit(n=info["n"], dims=info["dims"], lam=info["lambda"], sum_sq=info["sum_sq_norm"],
                    r={k: t[f"r.{k}"] for k in info["layers"]}, v={k: t[f"v.{k}"] for k in info["layers"]},
                    reread=info.get("pass2_reread", 0))
@@ -404,21 +425,27 @@ def score(cfg: Config, step: int | None = None, shards: str | None = None, fit_o
           force: bool = False, log: Callable[[str], None] = print) -> list[Path]:
     """The CLI step: fit and/or score; returns the sampler output directories it touched."""
     run = RunDir(cfg.run_dir)
-    steps = [step] if step is not None else [s.step for s in samplers(run)]
     if shards is not None and step is None:
         raise ConfigError("--shards needs --step (one sampler's shards at a time)")
+    if shards is not None:  # checked before a model is loaded
+        parse_shards(shards, len(run.corpus_shards()))
+    steps = [step] if step is not None else [s.step for s in read_selection(run).samplers]
     outs = []
     for s in steps:
         scorer = Scorer(cfg, s, log)
         if shards is not None:  # a mapped job: the fit must already be there
-            fp = scorer.check_fit_current()
-            fit = scorer.load_fit(fp)
             todo = parse_shards(shards, len(scorer.shards))
+            # No lock file: no fit has ever started here, and check_fit_current says so (without creating one).
+            with scorer.lock(shared=True) if (scorer.out / FIT_LOCK).exists() else nullcontext():
+                fp = scorer.check_fit_current()
+                fit = scorer.load_fit(fp)
+                n = scorer.score_shards(todo, fit, fp)
         else:
-            fit, fp = scorer.fit(force=force)
-            todo = range(len(scorer.shards))
+            with scorer.lock(shared=False):
+                fit, fp = scorer.fit(force=force)
+                todo = range(len(scorer.shards))
+                n = 0 if fit_only else scorer.score_shards(todo, fit, fp)
         if not fit_only:
-            n = scorer.score_shards(todo, fit, fp)
             log(f"step {s}: {n} shard(s) scored, {len(todo) - n} already done -> {scorer.out}")
         outs.append(scorer.out)
     return outs
@@ -426,10 +453,15 @@ def score(cfg: Config, step: int | None = None, shards: str | None = None, fit_o
 
 # -------------------------------------------------------------------- helpers
 
-def _file_hash(path: Path) -> str:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _valset_hash(path: Path) -> str:
     if not path.is_file():
         raise AutomixerError(f"{path}: no validation set; run `automixer evaluate` first")
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return file_hash(path)
 
 
 def _check_finite(tensors: dict, what: str, step: int) -> None:
@@ -487,7 +519,13 @@ class _ShardCheckpoint:
         import torch
 
         self.path, self.n_shards = path, n_shards
-        self.state = torch.load(path, map_location=device) if path.is_file() else None
+        self.state = None
+        if path.is_file():
+            try:  # our own tensors and numbers: weights_only refuses anything else
+                self.state = torch.load(path, map_location=device, weights_only=True)
+            except Exception as e:  # UnpicklingError, RuntimeError, EOFError for a damaged file
+                raise AutomixerError(f"{path}: cannot resume the fit from it ({_first_line(e)}); rerun with "
+                                     "--force to start the fit again") from None
         self.first = self.state["next_shard"] if self.state else 0  # the shard to resume from
         self._saved = time.perf_counter()
 

@@ -13,12 +13,13 @@ from pathlib import Path
 def weights_metadata(run_dir: Path) -> dict:
     """After `regroup`: the weights table of automixer.duckdb (group -> weight, rows)."""
     import duckdb
+    from automixer_ops.rundir import RunDir
 
-    db = run_dir / "automixer.duckdb"
+    db = RunDir(run_dir).db
     con = duckdb.connect(str(db), read_only=True)
     try:
         rows = con.execute("SELECT group_name, weight, n_docs FROM weights ORDER BY group_name").fetchall()
-        (scored,) = con.execute("SELECT count(*) FROM scores").fetchall()[0]
+        (scored,) = con.execute("SELECT coalesce(sum(n_scored), 0) FROM thresholds").fetchall()[0]
     finally:
         con.close()
     return {"run_dir": str(run_dir), "duckdb": str(db), "rows": len(rows), "scored_rows": int(scored),
@@ -28,7 +29,11 @@ def weights_metadata(run_dir: Path) -> dict:
 
 def mixture_metadata(run_dir: Path) -> dict:
     """After `mix`: rows (drawn documents), tokens and the realised share per group."""
-    summary = json.loads((run_dir / "mixture" / "weights.json").read_text())
-    return {"run_dir": str(run_dir), "path": str(run_dir / "mixture"), "rows": summary["documents"],
+    from automixer_ops.rundir import RunDir
+
+    mixture = RunDir(run_dir).mixture
+    summary = json.loads((mixture / "weights.json").read_text())
+    return {"run_dir": str(run_dir), "path": str(mixture), "rows": summary["documents"],
             "tokens": summary["tokens"], "token_budget": summary["token_budget"],
+            "underfilled": bool(summary.get("underfilled", False)),
             "weights": {g: round(v["share"], 6) for g, v in summary["groups"].items()}}

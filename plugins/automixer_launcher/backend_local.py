@@ -3,7 +3,9 @@
 Its stdout and stderr are streamed line by line into the task log as they come (a long
 scoring run shows progress in the UI), and a non-zero exit fails the task with the
 command and its exit status. The process gets its own session so that killing the task
-(on_kill) stops the whole process tree, not just the top process.
+(on_kill) stops the whole process tree, not just the top process. Its environment is not
+the worker's (database password, Fernet key...): step_env's allowlist, the `inherit_env`
+setting's names and the `env` setting's values.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from automixer_launcher.cli_argv import command_failed
+from automixer_launcher.step_env import step_environment
 
 
 def resolve_executable(configured: str | None) -> str:
@@ -41,7 +44,7 @@ class LocalProcess:
         # Mapped scoring tasks run side by side on one worker, each with torch's full thread pool: with
         # spin-waiting OpenMP threads they took 3-4x longer than with sleeping waits (measured on 2 cores).
         # The worker's environment or the `env` setting overrides this default.
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ,
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **step_environment(self.settings.get("inherit_env")),
                **{k: str(v) for k, v in (self.settings.get("env") or {}).items()}}
         log(f"running: {_show(argv)}")
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,

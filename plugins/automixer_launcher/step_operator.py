@@ -3,8 +3,9 @@
 What runs is always `cli_argv(step, step_args, params)`: the run's config file, the run
 params' `--set` overrides and the step's own arguments. The run param `backend` picks where:
 a subprocess here (`local`), a pod (`kubernetes`, deferrable) or a Slurm job (`slurm`).
-Exit status 2 (bad input or settings) fails the task without retries; other failures
-retry as the DAG says. After success, `outlet_metadata(run_dir)` (if given) becomes the
+Exit status 75 (transient: another process holds what the step needs) is retried as the DAG
+says, and so is a Slurm job its cluster lost (node failure, preemption); any other failure
+(2: bad input or settings; a crash) fails the task without retries. After success, `outlet_metadata(run_dir)` (if given) becomes the
 `extra` of every outlet asset event (rows, weights...).
 """
 
