@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 from airflow.sdk.bases.operator import ExecutorSafeguard  # noqa: E402
 from airflow.sdk.exceptions import AirflowFailException, ParamValidationError  # noqa: E402
 
+from conftest import execute_quietly  # noqa: E402
 from automixer_launcher import AutomixerStepOperator, cli_argv, config_overrides  # noqa: E402
 from automixer_launcher import backend_slurm  # noqa: E402
 from automixer_launcher.backend_local import LocalProcess  # noqa: E402
@@ -84,12 +85,7 @@ def test_a_newline_in_an_override_never_runs_as_a_line_of_the_slurm_script(tmp_p
     params = {"config": DEMO, "backend": "slurm", "backend_settings": str(slurm_settings_file(tmp_path)),
               "overrides": [INJECTED_ROOT]}
     op = AutomixerStepOperator(task_id="config", step="config")
-    op._log_line = lambda line: None
-    error = None
-    try:
-        op.execute(context(params))
-    except AirflowFailException as e:
-        error = e
+    error = execute_quietly(op, params)
     # Run whatever was submitted as the node would (bash; `#SBATCH` lines are comments to it).
     work = tmp_path / "node"
     work.mkdir()

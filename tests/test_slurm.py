@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 from airflow.sdk.bases.operator import ExecutorSafeguard  # noqa: E402
 from airflow.sdk.exceptions import AirflowException, AirflowFailException  # noqa: E402
 
+from conftest import execute_quietly  # noqa: E402
 from automixer_launcher import AutomixerStepOperator  # noqa: E402
 from automixer_launcher.backend_slurm import SlurmJob, batch_script  # noqa: E402
 
@@ -211,12 +212,7 @@ def test_a_newline_in_a_param_never_runs_on_the_node(slurm, tmp_path):
               "backend_settings": str(write_backends(tmp_path, slurm)),
               "overrides": [f'run.root="{tmp_path}/r\\ntouch {pwned} #"']}
     op = AutomixerStepOperator(task_id="config", step="config")
-    op._log_line = lambda line: None
-    error = None
-    try:
-        op.execute(context(params))
-    except AirflowFailException as e:
-        error = e
+    error = execute_quietly(op, params)
     assert not pwned.exists(), "a param ran as a shell line on the Slurm node"
     assert error is not None and "'run.root' cannot be set" in str(error)
     assert op._running is None  # refused before anything was submitted

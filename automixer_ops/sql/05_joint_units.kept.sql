@@ -3,9 +3,9 @@
 -- tie_keeps); J(x) = sum over the samplers whose F_j holds x of alpha_j * u_j(x), for the
 -- documents of A = union of the F_j. groups_mask has bit 2^slot_j set when x is in F_j.
 -- J is summed exactly, so that a rerun gives the same bits whatever order threads add in: each
--- term alpha_j * u_j as a whole number of units (joint_scale.unit = m * 2^-52, m = max_j alpha_j *
--- max |u_j|: the resolution of a double at the top of the range), summed as BIGINT:
--- |sum| <= 64 * 2^52 < 2^63, hence sum_no_overflow (DuckDB's BIGINT sum without a HUGEINT state).
+-- term alpha_j * u_j as a whole number of units (joint_scale.unit: the power of two 2^-52 times the
+-- top of the range, the resolution of a double there; 04_scale_unit.sql), summed as BIGINT:
+-- |sum| <= 64 * 2^53 < 2^63, hence sum_no_overflow (DuckDB's BIGINT sum without a HUGEINT state).
 -- This file aggregates by id, for score files in any order; where they are aligned with the
 -- corpus (as `automixer score` writes them) regroup.py builds the same table by position.
 CREATE OR REPLACE TABLE joint_units AS
