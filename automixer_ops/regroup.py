@@ -95,6 +95,7 @@ def selected_score_files(run: RunDir, selection: Selection) -> list[Path]:
     """Exactly the score parts of the selected samplers: each directory must have parts, every part the
     columns regroup reads (a corrupt file or a utility held as text is named here, not in a DuckDB
     traceback), and all from the sampler's current fit. Other directories under scores/ are not read."""
+    files = []
     for s in selection.samplers:
         out = run.sampler_scores(s.step)
         parts = run.score_parts([s.step])
@@ -103,7 +104,8 @@ def selected_score_files(run: RunDir, selection: Selection) -> list[Path]:
         for p in parts:
             _check_score_schema(p)
         _check_parts_of_one_fit(out, parts, s.step)
-    return run.score_parts([s.step for s in selection.samplers])
+        files += parts
+    return files
 
 
 def _check_score_schema(path: Path) -> None:

@@ -39,13 +39,18 @@ def literal_paths(paths: list[Path] | list[str]) -> list[str]:
 
 
 def run_sql_files(con, files: list[Path], params: dict) -> None:
+    for path in files:
+        _execute(con, path, params)
+
+
+def _execute(con, path: Path, params: dict):
+    """One SQL file on an open connection, its parameters bound; a DuckDB error names the file."""
     import duckdb
 
-    for path in files:
-        try:
-            con.execute(*_bound(path, params))
-        except duckdb.Error as e:
-            raise AutomixerError(f"{path.name}: {_first_line(e)}") from None
+    try:
+        return con.execute(*_bound(path, params))
+    except duckdb.Error as e:
+        raise AutomixerError(f"{path.name}: {_first_line(e)}") from None
 
 
 def _bound(path: Path, params: dict) -> tuple[str, dict | None]:
@@ -111,27 +116,16 @@ def check_files(prefix: str = "") -> list[Path]:
 
 def run_sql_checks(con, files: list[Path], params: dict) -> list[dict]:
     """Run check queries (one row each: invariant, ok, detail) on an open connection."""
-    import duckdb
-
     results = []
     for path in files:
-        try:
-            row = con.execute(*_bound(path, params)).fetchone()
-        except duckdb.Error as e:
-            raise AutomixerError(f"{path.name}: {_first_line(e)}") from None
+        row = _execute(con, path, params).fetchone()
         results.append({"check": path.stem, "invariant": row[0], "ok": bool(row[1]), "detail": row[2]})
     return results
 
 
 def query_file(con, relative: str, params: dict) -> list[tuple]:
     """The rows of one query file under sql/ (e.g. 'diagnose/scores_vs_corpus.sql')."""
-    import duckdb
-
-    path = SQL_DIR / relative
-    try:
-        return con.execute(*_bound(path, params)).fetchall()
-    except duckdb.Error as e:
-        raise AutomixerError(f"{path.name}: {_first_line(e)}") from None
+    return _execute(con, SQL_DIR / relative, params).fetchall()
 
 
 def record_provenance(con, info: dict) -> None:
