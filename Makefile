@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE := 1
 export HF_HOME := $(CURDIR)/.hf_home
 export TOKENIZERS_PARALLELISM := true
 
-.PHONY: demo demo-cli test venv constraints clean
+.PHONY: demo demo-cli experiment test venv constraints clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,10 @@ demo-cli: $(STAMP)
 	$(BIN)/automixer regroup $(DEMO)
 	$(BIN)/automixer mix $(DEMO)
 	$(BIN)/automixer report $(DEMO)
+
+# Does the mixture help? Every method x 3 seeds, target models, table and plot (~40 min on 2 cores).
+experiment: $(STAMP)
+	$(BIN)/automixer experiment --config configs/experiment_demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

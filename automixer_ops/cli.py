@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from automixer_ops import __version__
 from automixer_ops.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, AutomixerError, TransientError
@@ -77,7 +78,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     from automixer_ops.selection import select
 
     cfg = _load(args)
-    selection = select(cfg.run_dir)
+    selection = select(cfg.run_dir, metric=cfg.select.metric, noise_z=cfg.select.noise_z)
     run = RunDir(cfg.run_dir)
     print(format_table1(selection))
     print(f"\nselection: {run.selection}\nheatmap: {run.heatmap}")
@@ -120,6 +121,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_target(args: argparse.Namespace) -> int:
+    from automixer_ops.rundir import RunDir
+    from automixer_ops.train_target import train_target
+
+    cfg = _load(args)
+    run = RunDir(cfg.run_dir)
+    seed = cfg.run.seed if args.seed is None else args.seed
+    mixture = Path(args.mixture).resolve() if args.mixture else run.mixture
+    out = Path(args.out).resolve() if args.out else run.path / "targets" / "mixture" / f"seed-{seed}"
+    ckpts = train_target(mixture, out, cfg.target, seed, run.tokenizer, log=_log)
+    print(f"target checkpoints: {', '.join(str(out / 'checkpoints' / f'step-{s}') for s in ckpts)}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from automixer_ops.experiment import run_experiment
+    from automixer_ops.experiment_config import load_experiment
+
+    exp = load_experiment(args.config)
+    out = run_experiment(exp, args.stage, args.method, args.seed, log=_log)
+    if out is not None:
+        table, plot = out
+        print(table.read_text(encoding="utf-8"))
+        print(f"table: {table}\nplot: {plot}\nresults: {table.parent / 'results.parquet'}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from automixer_ops.config import reference_markdown
 
@@ -156,6 +184,10 @@ STEPS = [
     ("mix", cmd_mix, "draw a token-budgeted mixture -> mixture/part-*.parquet, weights.json, blend.txt",
      "Allocate mix.token_budget tokens by the group weights (caps and max_repeats respected, remainders "
      "redistributed) and write the drawn documents, the realised weights and a Megatron-LM blend."),
+    ("train-target", cmd_train_target, "train a fresh target model on a mixture -> targets/.../checkpoints",
+     "Train a model of the config's `target` settings (a preset, which may differ from the proxy's) on a mixture "
+     "directory (mix's or any method's), for the mixture's token budget, in the mixture's order; resumes exactly "
+     "from its latest checkpoint."),
     ("report", cmd_report, "check DESIGN §3's invariants in SQL and summarise the run -> report/summary.md",
      "Run the invariant queries of sql/checks/ on automixer.duckdb and write report/summary.md (Table 1, "
      "weights, the mixture per group, the invariants); fails if an invariant does not hold."),
@@ -184,10 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
                               help="score only corpus shards START..END-1 (0-based; START: to the last, "
                                    "or one index); needs a finished fit")
             p.add_argument("--force", action="store_true", help="refit even if a fit with the same inputs exists")
+        if name == "train-target":
+            p.add_argument("--mixture", help="mixture directory (default: the run's mixture/)")
+            p.add_argument("--out", help="where the target's checkpoints/ and log go "
+                                         "(default: <run>/targets/mixture/seed-<seed>)")
+            p.add_argument("--seed", type=int, help="initialisation seed (default: run.seed)")
         if name == "evaluate":
             p.add_argument("--step", type=int, help="evaluate only the checkpoint of this step (resumable); "
                                                     "a later run without --step combines the table")
         p.set_defaults(func=func)
+
+    p = steps.add_parser("experiment", help="methods x seeds: mixtures, target models, the comparison table",
+                         description="Run an experiment file (docs: README 'Does the mixture help?'): the base "
+                                     "run's pipeline, every method's mixture per seed, a target model on each, "
+                                     "its evaluation on the held-out test documents, and table.md / plot.png. "
+                                     "Every stage resumes; without --stage, all of them in order.")
+    p.add_argument("--config", "-c", required=True, help="experiment YAML (e.g. configs/experiment_demo.yaml)")
+    p.add_argument("--stage", choices=["prepare", "run", "table"], help="one stage only (the Airflow DAG's tasks)")
+    p.add_argument("--method", help="with --stage run: one method's unit")
+    p.add_argument("--seed", type=int, help="with --stage run: one seed's unit")
+    p.set_defaults(func=cmd_experiment)
 
     p = steps.add_parser("config", help="validate a config and print it resolved, or print the reference",
                          description="Validate a run config and print it with every default filled in and "
@@ -206,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         rc = args.func(args)
-        if rc == 0 and args.step != "config":
+        if rc == 0 and args.step not in ("config", "experiment"):
             _record_config(args)
         return rc
     except TransientError as e:

@@ -39,6 +39,14 @@ def required(doc: str) -> Any:
     return field(metadata={"doc": doc, "required": True})
 
 
+# Keys that were removed, and where their setting lives now: giving one fails with this line.
+MOVED = {
+    "evaluate.limit": "moved to tasks.docs.selection (documents [0, limit)); e.g. tasks: {docs: {selection: [0, 100]}}",
+    "influence.val_docs_per_task": "moved to tasks.docs.validation (documents [start, start + val_docs_per_task), "
+                                   "disjoint from tasks.docs.selection and tasks.docs.test); e.g. tasks: {docs: "
+                                   "{validation: [100, 164]}}",
+}
+
 MAX_SEED = 2**32 - 1
 INT64_MAX = 2**63 - 1  # every integer setting ends up in numpy, torch or DuckDB BIGINT
 
@@ -112,32 +120,25 @@ class CheckpointRef:
 
 
 @dataclass(kw_only=True)
-class ProxySection:
+class TrainingSettings:
+    """What the proxy and a target model train with (trainer.py runs both)."""
+
     preset: Literal["tiny", "25m", "50m", "75m", "350m", "1.5b"] = setting(
-        "tiny", "Llama size preset of the proxy model (docs/proxy.md lists each preset's parameter count).")
+        "tiny", "Llama size preset of the model (docs/proxy.md lists each preset's parameter count).")
     seq_len: int = setting(512, "Tokens per packed training sequence.")
     batch_size: int = setting(16, "Sequences per micro-batch.")
     grad_accum: int = setting(1, "Micro-batches per optimizer step.")
-    max_steps: int = setting(1000, "Optimizer steps of the proxy run.")
-    save_every: int = setting(100, "Save a checkpoint every this many steps (and at the last step).")
     lr: float = setting(3e-3, "Peak learning rate of AdamW.")
     min_lr_ratio: float = setting(0.1, "Cosine decay ends at lr * min_lr_ratio.")
-    warmup_steps: int = setting(100, "Linear warmup steps before the cosine decay.")
     weight_decay: float = setting(0.1, "AdamW weight decay (matrices only; not norms or biases).")
     grad_clip: float = setting(1.0, "Clip the global gradient norm to this value (0: no clipping).")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "Where to train; 'auto' takes CUDA when present.")
     log_every: int = setting(10, "Log loss and tokens/s every this many steps.")
-    checkpoints: list[CheckpointRef] = setting(
-        [], "Bring your own checkpoints: a list of {step, path}. When given, train-proxy trains nothing and "
-        "links these into the run.")
 
-    def check(self, where: str) -> None:
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every", "log_every"):
+    def check_training(self, where: str) -> None:
+        for name in ("seq_len", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup_steps < self.max_steps:
-            raise ConfigError(f"{where}.warmup_steps: must be in [0, max_steps={self.max_steps}), "
-                              f"got {self.warmup_steps}")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -145,6 +146,25 @@ class ProxySection:
         for name in ("weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class ProxySection(TrainingSettings):
+    max_steps: int = setting(1000, "Optimizer steps of the proxy run.")
+    save_every: int = setting(100, "Save a checkpoint every this many steps (and at the last step).")
+    warmup_steps: int = setting(100, "Linear warmup steps before the cosine decay.")
+    checkpoints: list[CheckpointRef] = setting(
+        [], "Bring your own checkpoints: a list of {step, path}. When given, train-proxy trains nothing and "
+        "links these into the run.")
+
+    def check(self, where: str) -> None:
+        self.check_training(where)
+        for name in ("max_steps", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ConfigError(f"{where}.warmup_steps: must be in [0, max_steps={self.max_steps}), "
+                              f"got {self.warmup_steps}")
         steps = [c.step for c in self.checkpoints]
         if len(set(steps)) != len(steps):
             raise ConfigError(f"{where}.checkpoints: steps must be distinct, got {steps}")
@@ -161,6 +181,34 @@ class CustomTask:
                          "as is, so give it its leading space).")
 
 
+DOC_USES = ("selection", "validation", "test")
+
+
+@dataclass(kw_only=True)
+class TaskDocs:
+    selection: list[int] = setting(
+        [0, 100], "Documents [start, end) of each task's evaluation split that `evaluate` scores every checkpoint "
+        "on (lm-eval and gold_ll), to choose each task's best checkpoint.")
+    validation: list[int] = setting(
+        [100, 164], "Documents [start, end) whose (context, gold continuation) loss the influence targets "
+        "(written to valsets/<task>.jsonl by `evaluate`).")
+    test: list[int] = setting(
+        [200, 500], "Held-out documents [start, end): judging target models trained on mixtures (experiments); "
+        "never used to choose a checkpoint or to score the corpus.")
+
+    def check(self, where: str) -> None:
+        for name in DOC_USES:
+            r = getattr(self, name)
+            if len(r) != 2 or not 0 <= r[0] < r[1]:
+                raise ConfigError(f"{where}.{name}: expected [start, end] with 0 <= start < end, got {r}")
+        for i, a in enumerate(DOC_USES):
+            for b in DOC_USES[i + 1:]:
+                ra, rb = getattr(self, a), getattr(self, b)
+                if ra[0] < rb[1] and rb[0] < ra[1]:
+                    raise ConfigError(f"{where}.{a} [{ra[0]}, {ra[1]}) and {where}.{b} [{rb[0]}, {rb[1]}) overlap: "
+                                      "a document used to choose or to score must not be a test document")
+
+
 @dataclass(kw_only=True)
 class TasksSection:
     targets: list[str] = setting(
@@ -170,6 +218,10 @@ class TasksSection:
         None, "Directory of local copies, <task>/<split>.jsonl, served through lm-eval's own task YAMLs. "
         "null: lm-eval loads each task the usual way (from the Hugging Face hub).")
     custom: list[CustomTask] = setting([], "Your own target tasks from JSONL files, in addition to targets.")
+    docs: TaskDocs = setting(
+        TaskDocs(), "The three uses of each task's documents, as disjoint index ranges [start, end) into its "
+        "evaluation split: selection, validation, test. A range past a task's documents is clipped; one that "
+        "leaves a task no document is an error.")
 
     def check(self, where: str) -> None:
         names = self.names()
@@ -180,6 +232,7 @@ class TasksSection:
         for t in self.custom:
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", t.name):
                 raise ConfigError(f"{where}.custom: {t.name!r} is not a valid task name")
+        self.docs.check(f"{where}.docs")
 
     def names(self) -> list[str]:
         return list(self.targets) + [t.name for t in self.custom]
@@ -187,21 +240,32 @@ class TasksSection:
 
 @dataclass(kw_only=True)
 class EvaluateSection:
-    limit: int | None = setting(None, "Evaluate the first N documents of each task (lm-eval --limit); null: all.")
     batch_size: int = setting(32, "lm-eval batch size (requests per forward pass).")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "Where to evaluate; 'auto' takes CUDA when present.")
 
     def check(self, where: str) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"{where}.limit: must be >= 1 or null, got {self.limit}")
         if self.batch_size < 1:
             raise ConfigError(f"{where}.batch_size: must be >= 1, got {self.batch_size}")
 
 
 @dataclass(kw_only=True)
+class SelectSection:
+    metric: Literal["auto", "acc", "acc_norm", "gold_ll"] = setting(
+        "auto", "Metric that picks each task's best checkpoint. 'auto': acc_norm where a task reports it, else acc, "
+        "else bits_per_byte / perplexity (likelihood-only tasks, lower is better). 'acc' or 'acc_norm': that "
+        "metric where a task reports it, else as 'auto'. 'gold_ll': the mean per-token log-likelihood of the "
+        "gold continuation (continuous, less noisy; every task has it).")
+    noise_z: float = setting(
+        1.0, "Table 1 flags a best step as 'within noise' of the last step when abs(best - last) <= noise_z * "
+        "sqrt(stderr_best^2 + stderr_last^2), as 'separated' when it is more.")
+
+    def check(self, where: str) -> None:
+        if self.noise_z < 0:
+            raise ConfigError(f"{where}.noise_z: must be >= 0, got {self.noise_z}")
+
+
+@dataclass(kw_only=True)
 class InfluenceSection:
-    val_docs_per_task: int = setting(
-        64, "Validation documents per task whose (context, gold continuation) loss the influence targets.")
     max_seq_len: int = setting(
         512, "Score each document on its first max_seq_len tokens (EOS + max_seq_len - 1 document tokens); "
         "its n_tokens stays the full length.")
@@ -218,9 +282,8 @@ class InfluenceSection:
         "chunks (explicit), from token Gram matrices (ghost), or whichever costs fewer FLOPs (auto).")
 
     def check(self, where: str) -> None:
-        for name in ("val_docs_per_task", "batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.batch_tokens < 1:
+            raise ConfigError(f"{where}.batch_tokens: must be >= 1, got {self.batch_tokens}")
         if self.max_seq_len < 2:
             raise ConfigError(f"{where}.max_seq_len: must be >= 2, got {self.max_seq_len}")
         if self.fit_samples is not None and self.fit_samples < 1:
@@ -270,6 +333,34 @@ class MixSection:
 
 
 @dataclass(kw_only=True)
+class TargetSection(TrainingSettings):
+    warmup_fraction: float = setting(0.1, "Linear warmup over this fraction of the steps.")
+    checkpoints: int = setting(2, "Checkpoints kept over the run (evenly spaced; the last is evaluated).")
+
+    def check(self, where: str) -> None:
+        self.check_training(where)
+        if self.checkpoints < 1:
+            raise ConfigError(f"{where}.checkpoints: must be >= 1, got {self.checkpoints}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"{where}.warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
+
+    def steps(self, token_budget: int) -> int:
+        """Optimizer steps that read the budget once (the last batch may wrap to the mixture's start)."""
+        per_step = self.seq_len * self.batch_size * self.grad_accum
+        return max(1, -(-token_budget // per_step))
+
+    def training(self, token_budget: int) -> ProxySection:
+        """The trainer's settings for this budget (the trainer is train-proxy's)."""
+        steps = self.steps(token_budget)
+        save_every = max(1, -(-steps // self.checkpoints))
+        warmup = min(steps - 1, round(self.warmup_fraction * steps)) if steps > 1 else 0
+        return ProxySection(preset=self.preset, seq_len=self.seq_len, batch_size=self.batch_size,
+                            grad_accum=self.grad_accum, max_steps=steps, save_every=save_every, lr=self.lr,
+                            min_lr_ratio=self.min_lr_ratio, warmup_steps=warmup, weight_decay=self.weight_decay,
+                            grad_clip=self.grad_clip, device=self.device, log_every=self.log_every)
+
+
+@dataclass(kw_only=True)
 class Config:
     run: RunSection = setting(RunSection(), "Where the run lives and its seed.")
     corpus: CorpusSection = required("The raw pretraining corpus.")
@@ -277,9 +368,12 @@ class Config:
     proxy: ProxySection = setting(ProxySection(), "The proxy training run, or your own checkpoints.")
     tasks: TasksSection = setting(TasksSection(), "Target tasks: lm-eval names and custom JSONL tasks.")
     evaluate: EvaluateSection = setting(EvaluateSection(), "Checkpoint evaluation with lm-evaluation-harness.")
+    select: SelectSection = setting(SelectSection(), "Choosing each task's best checkpoint (the paper's Table 1).")
     influence: InfluenceSection = setting(InfluenceSection(), "Influence scoring of the corpus (DataInf).")
     regroup: RegroupSection = setting(RegroupSection(), "Regrouping and reweighting in DuckDB SQL (sql/).")
     mix: MixSection = setting(MixSection(), "The token-budgeted training mixture.")
+    target: TargetSection = setting(TargetSection(), "The target model `automixer train-target` trains on a mixture "
+                                                     "(an experiment file has its own `target`, which experiments use).")
 
     # Directory that relative paths resolve against; not a YAML key.
     base_dir: Path = field(default=Path("."), repr=False, compare=False, metadata={"internal": True})
@@ -330,22 +424,29 @@ def _to_dict(obj: Any) -> Any:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read, override (`section.key=value`, value parsed as YAML) and validate a config file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config: {e}") from None
-    raw = load_yaml_unique(text, str(path))
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "config file")
     for item in overrides:
         _apply_override(raw, item)
     cfg = config_from_dict(raw, where=str(path))
     cfg.base_dir = path.resolve().parent
     return cfg
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file whose top level is a mapping ({} when empty); unreadable, invalid or another shape is an error
+    naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e}") from None
+    raw = load_yaml_unique(text, str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return raw
 
 
 def load_yaml_unique(text: str, where: str, prefix: str = "") -> Any:
@@ -420,6 +521,8 @@ def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     hints = typing.get_type_hints(cls)
     for key in raw:
+        if f"{prefix}{key}" in MOVED and key not in fields:
+            raise ConfigError(f"{where}: {prefix}{key}: {MOVED[f'{prefix}{key}']}")
         if key not in fields:
             allowed = ", ".join(fields)
             close = difflib.get_close_matches(str(key), fields, n=1)
@@ -501,12 +604,21 @@ def reference_markdown() -> str:
         cls = hints[sec.name]
         lines += [f"## `{sec.name}`", "", sec.metadata["doc"], "",
                   "| key | type | default | meaning |", "|---|---|---|---|"]
-        sub_hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = "*required*" if f.metadata.get("required") else f"`{_yaml_scalar(_field_default(f))}`"
-            lines.append(f"| `{f.name}` | {_type_name(sub_hints[f.name])} | {default} | {f.metadata['doc']} |")
+        lines += _reference_rows(cls, "")
         lines.append("")
     return "\n".join(lines)
+
+
+def _reference_rows(cls: type, prefix: str) -> list[str]:
+    """One table row per field; a field that is itself a section (tasks.docs) is followed by its own fields."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = "*required*" if f.metadata.get("required") else f"`{_yaml_scalar(_to_dict(_field_default(f)))}`"
+        rows.append(f"| `{prefix}{f.name}` | {_type_name(hints[f.name])} | {default} | {f.metadata['doc']} |")
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += _reference_rows(hints[f.name], f"{prefix}{f.name}.")
+    return rows
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -516,7 +628,7 @@ def _field_default(f: dataclasses.Field) -> Any:
 
 
 def _yaml_scalar(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip().removesuffix("...").strip()
 
 
 def _type_name(tp: Any) -> str:

@@ -29,12 +29,12 @@ from typing import Callable, Protocol
 
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError
+from automixer_ops.mixture_io import BATCH_ROWS, write_parts_from_sql
 from automixer_ops.rundir import (RunDir, atomic_write_text, clean_stale_staging, fingerprint, publish,
                                   staged_directory)
 from automixer_ops.sqlrun import connect, literal_paths, read_provenance, stale_inputs
 
 EPS = 1e-6  # float round-off in a carried quota must not draw one document too many
-BATCH_ROWS = 8192  # rows per batch streamed from DuckDB to the Parquet writer
 
 
 class DrawOrder(Protocol):
@@ -337,30 +337,7 @@ def _record_mixture(con, groups: list[Group], seed: int, summary: dict) -> None:
 def _write_parts(con, run: RunDir, out: Path, docs_per_part: int) -> None:
     """mixture/part-*.parquet: (id, group, repeat, text) in the table's order, docs_per_part rows a file,
     streamed from DuckDB in batches (the text never sits whole in Python)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    reader = con.sql("""SELECT m.id, m.group_name AS "group", m."repeat", c.text
-                        FROM mixture m JOIN read_parquet($corpus) c USING (id)
-                        ORDER BY m.ordinal""",
-                     params={"corpus": literal_paths(run.corpus_files())}).to_arrow_reader(BATCH_ROWS)
-    schema = pa.schema([("id", pa.string()), ("group", pa.string()), ("repeat", pa.int32()), ("text", pa.string())])
-    part, rows, writer = 0, 0, None
-    try:
-        for batch in reader:
-            batch = batch.cast(schema) if batch.schema != schema else batch
-            start = 0
-            while start < batch.num_rows:
-                if writer is None:
-                    writer = pq.ParquetWriter(out / f"part-{part:05d}.parquet", schema, compression="zstd")
-                n = min(batch.num_rows - start, docs_per_part - rows)
-                writer.write_batch(batch.slice(start, n))
-                start, rows = start + n, rows + n
-                if rows == docs_per_part:
-                    writer.close()
-                    writer, rows, part = None, 0, part + 1
-        if writer is None and part == 0:  # an empty mixture still has its (empty) first part
-            pq.write_table(schema.empty_table(), out / "part-00000.parquet", compression="zstd")
-    finally:
-        if writer is not None:
-            writer.close()
+    write_parts_from_sql(con, """SELECT m.id, m.group_name AS "group", m."repeat", c.text
+                                 FROM mixture m JOIN read_parquet($corpus) c USING (id)
+                                 ORDER BY m.ordinal""",
+                         {"corpus": literal_paths(run.corpus_files())}, out, docs_per_part, BATCH_ROWS)

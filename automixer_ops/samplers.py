@@ -16,10 +16,24 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from automixer_ops.errors import AutomixerError
 from automixer_ops.rundir import RunDir, file_hash
 
-# A likelihood-only custom task reports bits_per_byte always and perplexity where it is finite.
+# select.metric 'auto'. A likelihood-only custom task reports bits_per_byte always and perplexity where it is finite.
 METRIC_PREFERENCE = ("acc_norm", "acc", "bits_per_byte", "perplexity")
 LOWER_IS_BETTER = {"bits_per_byte", "perplexity"}
 ALPHA_TOLERANCE = 1e-9
+SELECT_METRICS = ("auto", "acc", "acc_norm", "gold_ll")  # the values of select.metric
+
+
+def metric_preference(metric: str = "auto") -> tuple[str, ...]:
+    """The metrics select tries for a task, in order, under the select.metric setting: 'auto' is
+    METRIC_PREFERENCE; 'acc' or 'acc_norm' come first and fall back to it (boolq and winogrande report no
+    acc_norm, likelihood-only tasks no accuracy); 'gold_ll' is the only one (every evaluated task has it)."""
+    if metric not in SELECT_METRICS:
+        raise AutomixerError(f"select.metric: {metric!r} is not one of {', '.join(SELECT_METRICS)}")
+    if metric == "auto":
+        return METRIC_PREFERENCE
+    if metric == "gold_ll":
+        return ("gold_ll",)
+    return (metric,) + tuple(m for m in METRIC_PREFERENCE if m != metric)
 
 
 @dataclass
@@ -31,6 +45,12 @@ class TaskChoice:
     last_step: int
     last_value: float
     progression: float  # best_step / last_step
+    # Defaults: a selection.json written before these fields still reads.
+    best_stderr: float | None = None  # None where lm-eval gives none
+    last_stderr: float | None = None
+    # |best - last| > noise_z * sqrt(best_stderr^2 + last_stderr^2); None when best is the last step or a stderr
+    # is missing.
+    separated: bool | None = None
 
 
 @dataclass
@@ -45,9 +65,12 @@ class Sampler:
 class Selection:
     tasks: dict[str, TaskChoice]
     samplers: list[Sampler]
+    metric: str = "auto"  # the select.metric setting it was made with
+    noise_z: float = 1.0  # the select.noise_z setting ("within noise" in Table 1)
 
     def to_json(self) -> str:
-        return json.dumps({"metric_preference": list(METRIC_PREFERENCE),
+        return json.dumps({"metric": self.metric, "metric_preference": list(metric_preference(self.metric)),
+                           "noise_z": self.noise_z,
                            "tasks": {k: asdict(v) for k, v in self.tasks.items()},
                            "samplers": [asdict(s) for s in self.samplers]}, indent=2) + "\n"
 
@@ -64,7 +87,12 @@ class Selection:
                  for name, v in _field(data, "tasks", dict, where).items()}
         samplers = [_record(Sampler, s, f"{where}: samplers[{i}]")
                     for i, s in enumerate(_field(data, "samplers", list, where))]
-        selection = cls(tasks, samplers)
+        metric, noise_z = data.get("metric", "auto"), data.get("noise_z", 1.0)  # absent from older files
+        if not isinstance(metric, str):
+            raise AutomixerError(f"{where}: metric: expected a string, got {type(metric).__name__}")
+        if isinstance(noise_z, bool) or not isinstance(noise_z, (int, float)):
+            raise AutomixerError(f"{where}: noise_z: expected a number, got {type(noise_z).__name__}")
+        selection = cls(tasks, samplers, metric, float(noise_z))
         selection.check(where)
         return selection
 
@@ -133,15 +161,27 @@ def selection_fingerprint(run: RunDir) -> str:
 
 
 def format_table1(selection: Selection) -> str:
-    """The paper's Table 1 analogue, plus the samplers."""
+    """The paper's Table 1 analogue, with each value's stderr and whether the best step is separated from the
+    last one by more than the noise, plus the samplers."""
     w = max([len("task"), *(len(t) for t in selection.tasks)])
-    lines = [f"{'task':<{w}}  {'metric':<10}  {'best step':>9}  {'value':>8}  {'last step':>9}  {'value':>8}  "
-             f"{'steps best/last':>15}"]
+    mw = max([len("metric"), *(len(c.metric) for c in selection.tasks.values())])
+    cells = {t: (_value(c.best_value, c.best_stderr), _value(c.last_value, c.last_stderr))
+             for t, c in selection.tasks.items()}
+    vw = max([len("best value"), *(len(v) for pair in cells.values() for v in pair)])
+    lines = [f"{'task':<{w}}  {'metric':<{mw}}  {'best step':>9}  {'best value':>{vw}}  {'last step':>9}  "
+             f"{'last value':>{vw}}  {'steps best/last':>15}  best vs last"]
     for t, c in selection.tasks.items():
-        lines.append(f"{t:<{w}}  {c.metric:<10}  {c.best_step:>9}  {c.best_value:>8.4f}  {c.last_step:>9}  "
-                     f"{c.last_value:>8.4f}  {c.progression:>15.2f}")
+        flag = {True: "separated", False: "within noise", None: "-"}[c.separated]
+        lines.append(f"{t:<{w}}  {c.metric:<{mw}}  {c.best_step:>9}  {cells[t][0]:>{vw}}  {c.last_step:>9}  "
+                     f"{cells[t][1]:>{vw}}  {c.progression:>15.2f}  {flag}")
+    lines.append(f"best vs last: 'within noise' when |best - last| <= {selection.noise_z:g} x sqrt(se_best^2 + "
+                 "se_last^2) (select.noise_z), 'separated' when more; '-': the best is the last step, or no stderr.")
     lines.append("")
     lines.append(f"{len(selection.samplers)} sampler(s) for {len(selection.tasks)} task(s):")
     for s in selection.samplers:
         lines.append(f"  step {s.step:>6}  alpha {s.alpha:.4f}  tasks: {', '.join(s.tasks)}")
     return "\n".join(lines)
+
+
+def _value(value: float, stderr: float | None) -> str:
+    return f"{value:.4f} ± {stderr:.4f}" if stderr is not None else f"{value:.4f}"

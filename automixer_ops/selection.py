@@ -1,52 +1,75 @@
 """`automixer select`: the checkpoint where each task peaks, and the samplers (DESIGN §2).
 
-Metric per task: acc_norm where the task reports it, else acc; a likelihood-only custom
-task has bits_per_byte (and perplexity where finite), where lower is better. Best checkpoint = the best value over
-steps, ties to the earliest step. The k <= m distinct best steps become the samplers, each
-with its task set and blending factor α_j = s̃_j / Σ s̃_i, s̃_j = s_j / max_i s_i.
-The progression ratio (best step / last step) per task is the paper's Table 1.
+Metric per task (`select.metric`): 'auto' takes acc_norm where the task reports it, else acc; a
+likelihood-only custom task has bits_per_byte (and perplexity where finite), where lower is
+better. 'acc' or 'acc_norm' put that metric first; 'gold_ll' (the gold continuation's mean
+per-token log-likelihood, continuous and less noisy) is required of every task. Best checkpoint =
+the best value over steps, ties to the earliest step. The k <= m distinct best steps become the
+samplers, each with its task set and blending factor α_j = s̃_j / Σ s̃_i, s̃_j = s_j / max_i s_i.
+The progression ratio (best step / last step) per task is the paper's Table 1; each choice also
+says whether its best value is separated from the last step's by more than noise_z combined
+standard errors.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable
 
 from automixer_ops.errors import AutomixerError
 from automixer_ops.rundir import RunDir, atomic_write_text
-from automixer_ops.samplers import LOWER_IS_BETTER, METRIC_PREFERENCE, Sampler, Selection, TaskChoice
+from automixer_ops.samplers import LOWER_IS_BETTER, Sampler, Selection, TaskChoice, metric_preference
 
 
-def select_samplers(rows: Iterable[dict]) -> Selection:
-    """rows: dicts with step, task, metric, value (the benchmark table)."""
-    table: dict[str, dict[str, dict[int, float]]] = {}
+def select_samplers(rows: Iterable[dict], metric: str = "auto", noise_z: float = 1.0) -> Selection:
+    """rows: dicts with step, task, metric, value and (optionally) stderr (the benchmark table)."""
+    table: dict[str, dict[str, dict[int, tuple[float, float | None]]]] = {}
     for r in rows:
-        table.setdefault(r["task"], {}).setdefault(r["metric"], {})[int(r["step"])] = float(r["value"])
+        table.setdefault(r["task"], {}).setdefault(r["metric"], {})[int(r["step"])] = \
+            (float(r["value"]), _stderr(r.get("stderr")))
     if not table:
         raise AutomixerError("the benchmark table is empty")
+    preference = metric_preference(metric)
     choices = {}
     for task, metrics in sorted(table.items()):
-        metric = next((m for m in METRIC_PREFERENCE if m in metrics), None)
-        if metric is None:
-            raise AutomixerError(f"task {task!r} reports none of {', '.join(METRIC_PREFERENCE)} "
-                                 f"(has {', '.join(sorted(metrics))})")
-        by_step = metrics[metric]
-        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        chosen = next((m for m in preference if m in metrics), None)
+        if chosen is None:
+            hint = ("; the benchmark table predates gold_ll: rerun `automixer evaluate`" if metric == "gold_ll" else "")
+            raise AutomixerError(f"task {task!r} reports none of {', '.join(preference)} "
+                                 f"(has {', '.join(sorted(metrics))}){hint}")
+        by_step = metrics[chosen]
+        sign = -1.0 if chosen in LOWER_IS_BETTER else 1.0
         # max of (value, -step): the best value, and among equals the earliest step
-        best = max(by_step, key=lambda s: (sign * by_step[s], -s))
+        best = max(by_step, key=lambda s: (sign * by_step[s][0], -s))
         last = max(by_step)
-        choices[task] = TaskChoice(task, metric, best, by_step[best], last, by_step[last],
-                                   best / last if last else 1.0)
+        (best_value, best_se), (last_value, last_se) = by_step[best], by_step[last]
+        choices[task] = TaskChoice(task, chosen, best, best_value, last, last_value, best / last if last else 1.0,
+                                   best_stderr=best_se, last_stderr=last_se,
+                                   separated=_separated(best, last, best_value, last_value, best_se, last_se,
+                                                        noise_z))
     steps = sorted({c.best_step for c in choices.values()})
     top = max(steps)
     scaled = {s: (s / top if top else 1.0) for s in steps}
     total = sum(scaled.values())
     samplers = [Sampler(step=s, tasks=sorted(t for t, c in choices.items() if c.best_step == s),
                         alpha=scaled[s] / total) for s in steps]
-    return Selection(choices, samplers)
+    return Selection(choices, samplers, metric=metric, noise_z=noise_z)
 
 
-def select(run_dir: Path) -> Selection:
+def _stderr(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _separated(best: int, last: int, best_value: float, last_value: float, best_se: float | None,
+               last_se: float | None, noise_z: float) -> bool | None:
+    """Whether the best value differs from the last step's by more than noise_z combined standard errors."""
+    if best == last or best_se is None or last_se is None:
+        return None
+    return abs(best_value - last_value) > noise_z * math.sqrt(best_se ** 2 + last_se ** 2)
+
+
+def select(run_dir: Path, metric: str = "auto", noise_z: float = 1.0) -> Selection:
     import pyarrow.parquet as pq
 
     run = RunDir(run_dir)
@@ -54,7 +77,7 @@ def select(run_dir: Path) -> Selection:
     if not bench.is_file():
         raise AutomixerError(f"{bench}: not found; run `automixer evaluate` first")
     rows = pq.read_table(bench).to_pylist()
-    selection = select_samplers(rows)
+    selection = select_samplers(rows, metric=metric, noise_z=noise_z)
     for s in selection.samplers:
         s.checkpoint = str(run.checkpoint(s.step))
     selection.check(str(run.selection))

@@ -9,21 +9,27 @@
   where it is finite; lm-eval's perplexity is exp of a document's summed NLL, which overflows a
   float for continuations of a few hundred characters).
 
-`validation_pairs` turns a task's documents into the (context, gold continuation) pairs
-lm-eval itself would score, for the influence step's validation loss.
+Each task's documents have three disjoint uses (`tasks.docs`): selection (evaluate every
+checkpoint, choose the best), validation (the influence target) and test (judge target models
+trained on mixtures). `doc_ranges` clips each range to a task's documents and refuses a range
+that leaves a task none; `validation_pairs` turns a range of documents into the (context, gold
+continuation) pairs lm-eval itself would score; `cross_use_duplicates` finds identical gold pairs
+that sit in two uses (benchmarks hold duplicate items).
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from automixer_ops.config import Config, CustomTask
+from automixer_ops.config import DOC_USES, Config, CustomTask
 from automixer_ops.errors import AutomixerError, ConfigError
 from automixer_ops.rundir import RunDir, atomic_write_text
 
@@ -71,13 +77,52 @@ def bundled_yaml(task: str) -> Path:
     raise ConfigError(f"tasks.targets: {task!r} is not an lm-evaluation-harness task name")
 
 
-def write_task_yamls(cfg: Config, out: Path) -> TaskSetup:
+def write_task_yamls(cfg: Config, out: Path, specs: dict | None = None) -> TaskSetup:
     """Generate the YAMLs for local copies and custom tasks into `out` (replacing what was there).
 
     Each file is replaced atomically and only stale ones are removed, so evaluations of
     several checkpoints running at once (mapped Airflow tasks) never see a missing YAML.
+    `specs`: task_specs(cfg), when already made.
     """
-    specs = {}  # every task checked before anything is written
+    specs = task_specs(cfg) if specs is None else specs
+    out.mkdir(parents=True, exist_ok=True)
+    for name, spec in specs.items():
+        atomic_write_text(out / f"{name}.yaml", yaml.dump(spec, Dumper=_TaskDumper, sort_keys=False))
+    for old in out.glob("*.yaml"):
+        if old.stem not in specs:
+            old.unlink(missing_ok=True)
+    return TaskSetup(out, cfg.tasks.names(), include_defaults=cfg.tasks.data_dir is None and bool(cfg.tasks.targets))
+
+
+def load_checked_tasks(cfg: Config, out: Path, uses: tuple[str, ...] = DOC_USES) -> tuple[TaskSetup, dict, dict]:
+    """The task YAMLs in `out`, lm-eval's Task objects and each use's document range per task
+    ({use: {task: range}}). The tasks are loaded from YAMLs in a temporary directory and their ranges
+    checked (doc_ranges) before anything is written to `out`: a bad range changes no file."""
+    specs = task_specs(cfg)
+    with tempfile.TemporaryDirectory(prefix="automixer-tasks-") as tmp:
+        tasks = load_tasks(write_task_yamls(cfg, Path(tmp), specs))
+    ranges = doc_ranges(cfg, tasks, uses)
+    return write_task_yamls(cfg, out, specs), tasks, ranges
+
+
+def doc_ranges(cfg: Config, tasks: dict, uses: tuple[str, ...] = DOC_USES) -> dict[str, dict[str, range]]:
+    """{use: {task: the document indices}}: each `tasks.docs` range clipped to the task's documents; a range
+    that leaves a task no document is an error naming the task, the range and the task's size."""
+    out: dict[str, dict[str, range]] = {use: {} for use in uses}
+    for name, task in tasks.items():
+        n = len(task.eval_docs)
+        for use in uses:
+            start, end = getattr(cfg.tasks.docs, use)
+            if start >= n:
+                raise ConfigError(f"tasks.docs.{use}: [{start}, {end}) leaves task {name!r} with no documents (it "
+                                  f"has {n}, indices 0..{n - 1}); give a range that starts below {n}")
+            out[use][name] = range(start, min(end, n))
+    return out
+
+
+def task_specs(cfg: Config) -> dict:
+    """The generated YAML of each local copy and custom task, by name (every task checked, nothing written)."""
+    specs = {}
     data_dir = cfg.resolve(cfg.tasks.data_dir).resolve() if cfg.tasks.data_dir else None
     for task in cfg.tasks.targets:
         if data_dir is None:
@@ -94,13 +139,7 @@ def write_task_yamls(cfg: Config, out: Path) -> TaskSetup:
                        "test_split": split if split == "test" else None, "fewshot_split": None}
     for task in cfg.tasks.custom:
         specs[task.name] = custom_task_yaml(cfg, task)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, spec in specs.items():
-        atomic_write_text(out / f"{name}.yaml", yaml.dump(spec, Dumper=_TaskDumper, sort_keys=False))
-    for old in out.glob("*.yaml"):
-        if old.stem not in specs:
-            old.unlink(missing_ok=True)
-    return TaskSetup(out, cfg.tasks.names(), include_defaults=data_dir is None and bool(cfg.tasks.targets))
+    return specs
 
 
 def custom_task_yaml(cfg: Config, task: CustomTask) -> dict:
@@ -198,16 +237,17 @@ def load_tasks(setup: TaskSetup) -> dict:
         raise ConfigError(f"tasks: lm-eval could not load {setup.names}: {e}") from None
 
 
-def validation_pairs(task, n: int) -> list[dict]:
-    """The first `n` evaluation documents as lm-eval's own (context, gold continuation) pairs."""
+def validation_pairs(task, docs: range) -> list[dict]:
+    """The evaluation documents at indices `docs` as lm-eval's own (context, gold continuation) pairs, each with
+    its document index ("doc")."""
     name = task.config.task
     if task.OUTPUT_TYPE not in ("multiple_choice", "loglikelihood"):
         raise ConfigError(f"tasks: {name!r} is a {task.OUTPUT_TYPE} task; influence needs a gold continuation "
                           "to score, so targets must be multiple_choice or loglikelihood tasks")
+    if not isinstance(docs, range) or docs.step != 1:
+        raise TypeError(f"validation_pairs: docs must be a range of document indices, got {docs!r}")
     pairs = []
-    for i, doc in enumerate(task.eval_docs):
-        if i >= n:
-            break
+    for i, doc in itertools.islice(enumerate(task.eval_docs), docs.start, docs.stop):
         ctx = task.fewshot_context(doc, 0, gen_prefix=task.doc_to_prefix(doc))
         requests = task.construct_requests(doc=doc, ctx=ctx, metadata=(task.config.task, i, 1))
         requests = requests if isinstance(requests, list) else [requests]
@@ -224,6 +264,24 @@ def validation_pairs(task, n: int) -> list[dict]:
             context, continuation = requests[0].arguments
         pairs.append({"task": name, "doc": i, "context": context, "continuation": continuation})
     return pairs
+
+
+def cross_use_duplicates(pairs: dict[str, dict[str, list[dict]]]) -> list[dict]:
+    """Identical gold (context, continuation) pairs that sit in more than one use of a task's documents.
+
+    pairs: {use: {task: validation_pairs(...)}}. Returns one record per duplicated pair: {"task": name,
+    <use>: [doc indices], ...} for the uses that hold it (two uses or more), in task and document order."""
+    found = []
+    tasks = sorted({t for by_task in pairs.values() for t in by_task})
+    for task in tasks:
+        where: dict[tuple[str, str], dict[str, list[int]]] = {}
+        for use, by_task in pairs.items():
+            for p in by_task.get(task, []):
+                where.setdefault((p["context"], p["continuation"]), {}).setdefault(use, []).append(p["doc"])
+        for uses in where.values():
+            if len(uses) > 1:
+                found.append({"task": task, **uses})
+    return found
 
 
 def read_validation_set(run_dir: Path, task: str) -> list[dict]:

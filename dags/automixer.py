@@ -48,7 +48,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 from airflow.sdk import Asset, Param, TaskGroup, TriggerRule, dag, task
@@ -59,8 +58,9 @@ try:
 except ImportError:  # dags/ and plugins/ side by side, as in this repository
     sys.path.append(str(HERE.parent / "plugins"))
 
-from automixer_launcher import BACKENDS, AutomixerStepOperator  # noqa: E402
+from automixer_launcher import AutomixerStepOperator  # noqa: E402
 from automixer_launcher.asset_metadata import mixture_metadata, weights_metadata  # noqa: E402
+from automixer_launcher.dag_params import backend_params, default_args  # noqa: E402
 from automixer_launcher.param_checks import (  # noqa: E402
     ABSOLUTE_PATH_PATTERN, NAME_PATTERN, OVERRIDABLE, OVERRIDE_PATTERN)
 
@@ -95,27 +95,13 @@ PARAMS = {
                        items={"type": "string", "pattern": OVERRIDE_PATTERN},
                        description="More config values as section.key=value (YAML value), for these keys only "
                                    f"(paths stay in the config file): {', '.join(OVERRIDABLE)}."),
-    "backend": Param(os.environ.get("AUTOMIXER_BACKEND", "local"), type="string", enum=list(BACKENDS),
-                     title="Backend", description="Where commands run: a subprocess of the worker (local), "
-                                                  "a Kubernetes pod or a Slurm job."),
-    "backend_settings": Param(os.environ.get("AUTOMIXER_BACKENDS_FILE"), type=["null", "string"],
-                              pattern=ABSOLUTE_PATH_PATTERN, title="Backend settings file",
-                              description="YAML merged over plugins/automixer_launcher/backends.yaml "
-                                          "(image, GPUs, node selector, volumes, partition...); a file in "
-                                          "$AUTOMIXER_BACKENDS_DIR on the workers (default: the plugin's "
-                                          "directory) or the one $AUTOMIXER_BACKENDS_FILE names."),
+    **backend_params(),
     "shards_per_task": Param(None, type=["null", "integer"], minimum=1, title="Shards per scoring task",
                              description=f"Corpus shards per score map index; empty: as few as keep each "
                                          f"sampler under {MAX_SCORE_TASKS} map indices."),
 }
 
-DEFAULT_ARGS = {
-    "owner": "automixer",
-    "retries": int(os.environ.get("AUTOMIXER_TASK_RETRIES", "2")),
-    "retry_delay": timedelta(minutes=1),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=30),
-}
+DEFAULT_ARGS = default_args()
 
 
 def _run_config(params):

@@ -133,7 +133,23 @@ config_case("weight-decay-negative", BASE + "proxy: {weight_decay: -0.1}\n", ["p
 config_case("min-lr-ratio-above-1", BASE + "proxy: {min_lr_ratio: 2}\n", ["proxy.min_lr_ratio: must be in [0, 1]"])
 config_case("token-budget-2-70", BASE + f"mix: {{token_budget: {2**70}}}\n", ["mix.token_budget", "64 bits"])
 config_case("caps-negative", BASE + "mix: {caps: [{group: step-1, max_tokens: -1}]}\n", ["mix.caps"])
-config_case("evaluate-limit-zero", BASE + "evaluate: {limit: 0}\n", ["evaluate.limit: must be >= 1"])
+config_case("evaluate-limit-moved", BASE + "evaluate: {limit: 100}\n",
+            ["cfg.yaml: evaluate.limit: moved to tasks.docs.selection (documents [0, limit))"])
+config_case("evaluate-limit-moved-set", BASE, ["evaluate.limit: moved to tasks.docs.selection"],
+            sets=("evaluate.limit=5",))
+config_case("val-docs-per-task-moved", BASE + "influence: {val_docs_per_task: 32}\n",
+            ["influence.val_docs_per_task: moved to tasks.docs.validation"])
+config_case("task-docs-overlap", BASE + "tasks: {docs: {selection: [0, 100], validation: [50, 82]}}\n",
+            ["tasks.docs.selection [0, 100) and tasks.docs.validation [50, 82) overlap: a document used to choose "
+             "or to score must not be a test document"])
+config_case("task-docs-test-overlap", BASE + "tasks: {docs: {test: [150, 300]}}\n",
+            ["tasks.docs.validation [100, 164) and tasks.docs.test [150, 300) overlap"])
+config_case("task-docs-empty-range", BASE + "tasks: {docs: {test: [300, 300]}}\n",
+            ["tasks.docs.test: expected [start, end] with 0 <= start < end, got [300, 300]"])
+config_case("task-docs-not-a-pair", BASE + "tasks: {docs: {selection: [0, 10, 20]}}\n",
+            ["tasks.docs.selection: expected [start, end]"])
+config_case("select-metric-choice", BASE + "select: {metric: f1}\n", ["select.metric: str 'f1' is not allowed"])
+config_case("select-noise-z-negative", BASE + "select: {noise_z: -1}\n", ["select.noise_z: must be >= 0"])
 config_case("unknown-key", BASE + "proxy: {lrr: 0.1}\n", ["unknown key 'proxy.lrr'", "did you mean 'lr'"])
 config_case("wrong-type", BASE + "proxy: {max_steps: ten}\n", ["proxy.max_steps: expected an integer"])
 config_case("not-yaml", "corpus: {paths: [c.jsonl]\n",
@@ -504,6 +520,10 @@ task_case("continuation-longer-than-context", [LL, json.dumps({"context": "a", "
           ["t.jsonl:2: a continuation of", "does not fit the context of checkpoint step 10 (256 tokens)"])
 task_case("no-local-copy", None, ["tasks.data_dir: no local copy of 'piqa'"],
           tasks={"targets": ["piqa"], "data_dir": "/nonexistent"})
+# 3 documents: selection [0, 100) is clipped to [0, 3), validation [100, 164) leaves none (nothing written: the
+# tasks are loaded and their ranges checked before the run's eval/tasks YAMLs are).
+task_case("docs-range-past-the-task", [LL, LL, LL],
+          ["tasks.docs.validation: [100, 164) leaves task 'mine' with no documents (it has 3"])
 
 
 @case("evaluate-step-not-a-checkpoint", ["no checkpoint at step 7"], fixtures=("eval_run",), watch=eval_run_dir)

@@ -48,7 +48,7 @@ def test_demo_config_loads_with_defaults_and_resolved_paths():
     ("corpus: [a.jsonl]\n", "corpus: expected a mapping, got list"),
     ("corpus: {paths: [a.jsonl]}\nrun: {id: '../escape'}\n", "run.id: '../escape' is not a valid run id"),
     ("corpus: {paths: [a.jsonl]}\ntokenizer: {vocab_size: 100}\n", "tokenizer.vocab_size: must be >= 260"),
-    ("- just\n- a list\n", "the top level must be a mapping of sections"),
+    ("- just\n- a list\n", "the top level must be a mapping, got list"),
     ("corpus: {paths: [a.jsonl]\n", "not valid YAML"),
 ])
 def test_invalid_configs_name_the_key(tmp_path, text, expected):
@@ -114,3 +114,63 @@ def test_yaml_quirks_and_ranges(tmp_path):
         _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\nproxy: {lr: fast}\n")
     with pytest.raises(ConfigError, match=r"run.seed: must be in \[0, 4294967295\].*got -1"):
         _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\nrun: {seed: -1}\n")
+
+
+def test_task_docs_are_three_disjoint_ranges(tmp_path):
+    cfg = _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\n")
+    assert (cfg.tasks.docs.selection, cfg.tasks.docs.validation, cfg.tasks.docs.test) == ([0, 100], [100, 164],
+                                                                                         [200, 500])
+    demo = load_config(DEMO).tasks.docs
+    assert (demo.selection, demo.validation, demo.test) == ([0, 100], [100, 132], [200, 400])
+    # Adjacent ranges share no document ([0, 100) and [100, 164)); a --set replaces one range.
+    cfg = _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\n", ["tasks.docs.selection=[0, 50]"])
+    assert cfg.tasks.docs.selection == [0, 50]
+    for docs, expected in [
+        ("{selection: [0, 100], validation: [50, 82]}",
+         "tasks.docs.selection [0, 100) and tasks.docs.validation [50, 82) overlap: a document used to choose or to "
+         "score must not be a test document"),
+        ("{test: [0, 10]}", "tasks.docs.selection [0, 100) and tasks.docs.test [0, 10) overlap"),
+        ("{validation: [300, 400], test: [350, 360]}",
+         "tasks.docs.validation [300, 400) and tasks.docs.test [350, 360) overlap"),
+        ("{test: [10, 5]}", "tasks.docs.test: expected [start, end] with 0 <= start < end, got [10, 5]"),
+        ("{test: [-1, 5]}", "tasks.docs.test: expected [start, end] with 0 <= start < end, got [-1, 5]"),
+        ("{test: [600]}", "tasks.docs.test: expected [start, end] with 0 <= start < end, got [600]"),
+        ("{test: [600, x]}", "tasks.docs.test[1]: expected an integer, got str 'x'"),
+        ("{train: [0, 5]}", "unknown key 'tasks.docs.train'; allowed keys here: selection, validation, test"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            _load_text(tmp_path, f"corpus: {{paths: [a.jsonl]}}\ntasks: {{docs: {docs}}}\n")
+        assert expected in str(err.value) and str(tmp_path / "cfg.yaml") in str(err.value)
+
+
+@pytest.mark.parametrize("text, overrides, expected", [
+    ("evaluate: {limit: 100}\n", (), "cfg.yaml: evaluate.limit: moved to tasks.docs.selection (documents [0, limit))"),
+    ("", ("evaluate.limit=5",), "cfg.yaml: evaluate.limit: moved to tasks.docs.selection"),
+    ("evaluate: {limit: null, batch_size: 4}\n", (), "evaluate.limit: moved to tasks.docs.selection"),
+    ("influence: {val_docs_per_task: 32}\n", (),
+     "cfg.yaml: influence.val_docs_per_task: moved to tasks.docs.validation (documents [start, start + "
+     "val_docs_per_task), disjoint from tasks.docs.selection and tasks.docs.test)"),
+])
+def test_moved_keys_say_where_they_went(tmp_path, text, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\n" + text, list(overrides))
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_select_section(tmp_path):
+    cfg = _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\n")
+    assert (cfg.select.metric, cfg.select.noise_z) == ("auto", 1.0)
+    cfg = _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\nselect: {metric: gold_ll, noise_z: 2}\n")
+    assert (cfg.select.metric, cfg.select.noise_z) == ("gold_ll", 2.0)
+    with pytest.raises(ConfigError, match="select.metric: str 'f1' is not allowed; choose one of 'auto', 'acc', "
+                                          "'acc_norm', 'gold_ll'"):
+        _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\nselect: {metric: f1}\n")
+    with pytest.raises(ConfigError, match="select.noise_z: must be >= 0, got -0.5"):
+        _load_text(tmp_path, "corpus: {paths: [a.jsonl]}\nselect: {noise_z: -0.5}\n")
+
+
+def test_reference_lists_the_nested_task_docs_keys():
+    text = reference_markdown()
+    for key in ("docs", "docs.selection", "docs.validation", "docs.test"):
+        assert f"| `{key}` |" in text
+    assert "| `docs.selection` | list of int | `[0, 100]` |" in text

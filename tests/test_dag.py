@@ -59,7 +59,7 @@ def test_dag_file_parses_in_under_two_seconds_without_heavy_imports():
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["errors"] == {}
-    assert out["dags"] == ["automixer"]
+    assert out["dags"] == ["automixer", "automixer_experiment"]
     assert out["heavy"] == [], f"imported at parse time: {out['heavy']}"
     assert out["seconds"] < 2.0, f"DAG file took {out['seconds']:.2f} s to parse"
 
@@ -126,7 +126,7 @@ def test_params_schema_rejects_bad_values(dag, name, value):
 
 def test_params_schema_accepts_good_values(dag):
     good = {"keep_fraction": 1, "token_budget": 10**9, "backend": "slurm", "proxy_preset": "350m",
-            "tasks": ["arc_easy", "my_task-2"], "config": "/data/run.yaml", "overrides": ["evaluate.limit=5"],
+            "tasks": ["arc_easy", "my_task-2"], "config": "/data/run.yaml", "overrides": ["tasks.docs.selection=[0, 5]"],
             "shards_per_task": 4, "backend_settings": "/etc/automixer/backends.yaml"}
     for name, value in good.items():
         assert dag.params.get_param(name).resolve(value) == value
@@ -204,9 +204,9 @@ def test_dag_runs_end_to_end_on_a_small_run(tmp_path, small_corpus):
     cfg = yaml.safe_load(config.read_text())
     cfg["run"]["root"] = str(tmp_path / "runs")
     cfg["corpus"]["docs_per_shard"] = 20  # 108 documents -> 6 shards
-    cfg["tasks"] = {"targets": ["arc_easy", "piqa"], "data_dir": str(DATA / "benchmarks")}
-    cfg["evaluate"] = {"limit": 8}
-    cfg["influence"] = {"val_docs_per_task": 4, "max_seq_len": 64}
+    cfg["tasks"] = {"targets": ["arc_easy", "piqa"], "data_dir": str(DATA / "benchmarks"),
+                    "docs": {"selection": [0, 8], "validation": [8, 12], "test": [12, 20]}}
+    cfg["influence"] = {"max_seq_len": 64}
     config.write_text(yaml.safe_dump(cfg))
     budget = 30_000
     conf = {"shards_per_task": 4, "token_budget": budget}  # 2 scoring tasks per sampler; a param override

@@ -385,16 +385,19 @@ def test_a_fit_whose_two_files_disagree_is_not_used(scoring_run):
         regroup(cfg, log=lambda _: None)
 
 
-def test_validation_sets_of_another_val_docs_per_task_are_refused(scoring_run):
+def test_validation_sets_of_another_validation_range_are_refused(scoring_run):
     from automixer_ops.influence.score import score
     from automixer_ops.rundir import write_marker
 
-    cfg = copy_of_scoring_run(scoring_run, "run.id=sc_valn", "influence.val_docs_per_task=8")
-    write_marker(cfg.run_dir / "valsets", {"val_docs_per_task": 5})  # as `evaluate` records it
-    with pytest.raises(ConfigError, match=r"influence.val_docs_per_task: 8, but .*valsets was written with 5; "
-                                          r"rerun `automixer evaluate`"):
+    cfg = copy_of_scoring_run(scoring_run, "run.id=sc_valn", "tasks.docs.validation=[100, 108]")
+    write_marker(cfg.run_dir / "valsets", {"validation": [100, 105]})  # as `evaluate` records it
+    with pytest.raises(ConfigError, match=r"tasks.docs.validation: \[100, 108\), but .*valsets was written with "
+                                          r"documents \[100, 105\); rerun `automixer evaluate`"):
         score(cfg, step=10, fit_only=True, log=lambda _: None)
-    write_marker(cfg.run_dir / "valsets", {"val_docs_per_task": 8})
+    write_marker(cfg.run_dir / "valsets", {"val_docs_per_task": 8})  # an older evaluate's marker
+    with pytest.raises(ConfigError, match=r"written with the first 8 documents \(an older version\); rerun"):
+        score(cfg, step=10, fit_only=True, log=lambda _: None)
+    write_marker(cfg.run_dir / "valsets", {"validation": [100, 108]})
     score(cfg, step=10, fit_only=True, log=lambda _: None)
     assert (cfg.run_dir / "scores" / "step=10" / "fit.json").is_file()
 

@@ -55,15 +55,15 @@ def test_params_become_set_overrides_that_the_config_loader_reads():
     from automixer_ops.config import load_config
 
     params = {"config": DEMO, "tasks": ["arc_easy", "piqa"], "proxy_preset": "25m", "keep_fraction": 0.25,
-              "token_budget": 123456, "overrides": ["evaluate.limit=7"], "backend": "local"}
+              "token_budget": 123456, "overrides": ["tasks.docs.selection=[0, 7]"], "backend": "local"}
     argv = cli_argv("score", ["--step", 300, "--shards", "0:4"], params)
     assert argv[:4] == ["automixer", "score", "-c", DEMO]
     assert argv[-4:] == ["--step", "300", "--shards", "0:4"]
     assert argv.count("--set") == 5
     cfg = load_config(DEMO, config_overrides(params))
     assert cfg.tasks.targets == ["arc_easy", "piqa"]
-    assert (cfg.proxy.preset, cfg.regroup.keep_fraction, cfg.mix.token_budget, cfg.evaluate.limit) == \
-        ("25m", 0.25, 123456, 7)
+    assert (cfg.proxy.preset, cfg.regroup.keep_fraction, cfg.mix.token_budget, cfg.tasks.docs.selection) == \
+        ("25m", 0.25, 123456, [0, 7])
 
 
 def test_null_params_keep_the_config_files_values():

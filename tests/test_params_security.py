@@ -154,7 +154,7 @@ def test_slurm_env_names_must_be_variable_names():
     ("backend_settings", "/etc/automixer/b.yaml\x1b[2J"),
     ("tasks", ["arc_easy\n"]),
     ("proxy_preset", "tiny\u2028"),               # a YAML line break
-    ("overrides", ["evaluate.limit=5\n"]),
+    ("overrides", ["tasks.docs.selection=[0, 5]\n"]),
     ("overrides", ['tasks.targets=["piqa\\ntouch PWNED"]']),  # decoded by YAML into a newline
     ("overrides", ["run.id=\"a\u202eb\""]),       # a bidi override: invisible in the UI
 ])
@@ -192,11 +192,13 @@ def test_overrides_must_be_a_list_of_strings():
 def test_allowed_overrides_pass_and_the_config_loader_reads_them():
     from automixer_ops.config import load_config
 
-    items = ["run.id=exp2", "run.seed=7", "evaluate.limit=5", "influence.fit_samples=null",
-             "mix.caps=[{group: step-50, max_tokens: 10}]", "proxy.lr=0.001", "tasks.targets=[piqa]"]
+    items = ["run.id=exp2", "run.seed=7", "tasks.docs.selection=[0, 5]", "influence.fit_samples=null",
+             "mix.caps=[{group: step-50, max_tokens: 10}]", "proxy.lr=0.001", "tasks.targets=[piqa]",
+             "select.metric=gold_ll"]
     assert config_overrides({"config": DEMO, "overrides": items}) == items
     cfg = load_config(DEMO, items)
-    assert (cfg.run.id, cfg.run.seed, cfg.evaluate.limit, cfg.mix.caps[0].max_tokens) == ("exp2", 7, 5, 10)
+    assert (cfg.run.id, cfg.run.seed, cfg.tasks.docs.selection, cfg.mix.caps[0].max_tokens, cfg.select.metric) == \
+        ("exp2", 7, [0, 5], 10, "gold_ll")
 
 
 def test_every_overridable_key_is_a_config_key_and_none_is_a_path():
@@ -206,10 +208,12 @@ def test_every_overridable_key_is_a_config_key_and_none_is_a_path():
     from automixer_launcher.param_checks import OVERRIDABLE
     from automixer_ops.config import Config
 
-    sections = typing.get_type_hints(Config)
-    for key in OVERRIDABLE:
-        section, name = key.split(".")
-        assert name in typing.get_type_hints(sections[section]), key
+    for key in OVERRIDABLE:  # section.key, or section.subsection.key (tasks.docs.selection)
+        hints = typing.get_type_hints(Config)
+        *sections, name = key.split(".")
+        for section in sections:
+            hints = typing.get_type_hints(hints[section])
+        assert name in hints, key
     assert set(OVERRIDE_PARAMS.values()) <= set(OVERRIDABLE)  # the named params are overrides too
     paths = {"run.root", "tokenizer.path", "proxy.checkpoints", "tasks.data_dir", "tasks.custom"}
     assert not paths & set(OVERRIDABLE) and not any(k.startswith(("corpus.", "tokenizer.")) for k in OVERRIDABLE)
@@ -228,7 +232,7 @@ def test_dag_tasks_that_read_the_config_refuse_path_overrides_too(tmp_path):
 
 @pytest.mark.parametrize("name,value", [
     ("overrides", [INJECTED_ROOT]), ("overrides", ["run.root=/etc"]), ("overrides", ["corpus.paths=[/]"]),
-    ("overrides", ["tokenizer.path=/x"]), ("overrides", ["evaluate.limit=5\n"]),
+    ("overrides", ["tokenizer.path=/x"]), ("overrides", ["tasks.docs.selection=[0, 5]\n"]),
     ("config", "/runs/a.yaml\n"), ("config", "/runs/a.yaml\ntouch PWNED"), ("backend_settings", "/etc/b.yaml\n"),
     ("tasks", ["arc_easy\n"]),  # Python's `$` matches before a final newline: the old pattern let it through
 ])
@@ -262,7 +266,7 @@ def test_params_given_as_an_airflow_params_dict_are_checked_too():
 
 
 def test_params_schema_accepts_allowed_overrides(dag):
-    good = ["evaluate.limit=5", "run.id=exp2", "mix.caps=[{group: step-50, max_tokens: 10}]",
+    good = ["tasks.docs.selection=[0, 5]", "run.id=exp2", "mix.caps=[{group: step-50, max_tokens: 10}]",
             "influence.precision=bf16"]
     assert dag.params.get_param("overrides").resolve(good) == good
 

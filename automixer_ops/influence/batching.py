@@ -1,4 +1,6 @@
-"""Token sequences -> padded `Batch`es, grouped by length so little compute goes to padding."""
+"""Token sequences -> padded `Batch`es, grouped by length so little compute goes to padding; and the token
+sequence of a (context, gold continuation) pair, shared by the influence validation loss and evaluate's
+gold_ll so that the two are the same quantity."""
 
 from __future__ import annotations
 
@@ -25,6 +27,24 @@ def make_batch(seqs: Sequence[Sequence[int]], first_target: Sequence[int], pad_i
         if n > 0:
             weight[i, first - 1:len(s) - 1] = 1.0 / n  # position t predicts token t+1
     return Batch(ids, mask, weight)
+
+
+def pair_sequences(tokenizer, pairs: Sequence[tuple[str, str]], prefix_id: int,
+                   max_len: int) -> list[tuple[list[int], int]]:
+    """Each (context, continuation) pair as the tokens [prefix_id] + context + continuation (each text tokenized
+    on its own, no special tokens) and the index of its first scored token (`make_batch`'s first_target).
+
+    Cut from the left to `max_len` tokens, as lm-eval does: every kept token follows its real predecessors, and a
+    continuation longer than the window keeps its last max_len - 1 tokens. A continuation that tokenizes to
+    nothing gives first == len(ids): nothing to score (callers refuse it)."""
+    texts = [text for pair in pairs for text in pair]
+    enc = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
+    out = []
+    for i in range(len(pairs)):
+        ctx, cont = enc[2 * i].ids, enc[2 * i + 1].ids
+        ids = ([prefix_id] + ctx + cont)[-max_len:]
+        out.append((ids, max(1, len(ids) - len(cont)) if cont else len(ids)))
+    return out
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int = 256) -> Iterator[list[int]]:

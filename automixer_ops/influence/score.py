@@ -119,10 +119,14 @@ class Scorer:
         from automixer_ops.checkpoints import checkpoint_identity
 
         made = read_marker(self.run.valsets)  # absent for validation sets written by hand
-        if made is not None and made.get("val_docs_per_task") != self.inf.val_docs_per_task:
-            raise ConfigError(f"influence.val_docs_per_task: {self.inf.val_docs_per_task}, but "
-                              f"{self.run.valsets} was written with {made.get('val_docs_per_task')}; "
-                              "rerun `automixer evaluate` (it rewrites the validation sets)")
+        wanted = list(self.cfg.tasks.docs.validation)
+        if made is not None and made.get("validation") != wanted:
+            written = (f"documents [{made['validation'][0]}, {made['validation'][1]})"
+                       if _is_range(made.get("validation")) else
+                       f"the first {made['val_docs_per_task']} documents (an older version)"
+                       if isinstance(made.get("val_docs_per_task"), int) else "another setting")
+            raise ConfigError(f"tasks.docs.validation: [{wanted[0]}, {wanted[1]}), but {self.run.valsets} was "
+                              f"written with {written}; rerun `automixer evaluate` (it rewrites the validation sets)")
         valsets = {t: _valset_hash(self.run.valset(t)) for t in self.sampler.tasks}
         payload = {"checkpoint": checkpoint_identity(self.checkpoint), "corpus": self.corpus_fingerprint,
                    "valsets": valsets, "max_seq_len": self.inf.max_seq_len, "fit_samples": self.inf.fit_samples,
@@ -134,23 +138,21 @@ class Scorer:
         import torch
 
         from automixer_ops.tasks import read_validation_set
-        from automixer_ops.influence.batching import length_batches, make_batch
+        from automixer_ops.influence.batching import length_batches, make_batch, pair_sequences
 
         seqs, firsts, coeffs = [], [], []
         for task in self.sampler.tasks:
             pairs = read_validation_set(self.run.path, task)
             if not pairs:
                 raise AutomixerError(f"{self.run.path}/valsets/{task}.jsonl is empty")
-            for p in pairs:
-                ctx, cont = (e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(
-                    [p["context"], p["continuation"]], add_special_tokens=False))
-                if not cont:
+            # The same token sequences as evaluate's gold_ll (cut from the left, as lm-eval does).
+            encoded = pair_sequences(self.tokenizer, [(p["context"], p["continuation"]) for p in pairs], self.eos,
+                                     self.inf.max_seq_len)
+            for p, (ids, first) in zip(pairs, encoded):
+                if first == len(ids):
                     raise AutomixerError(f"valsets/{task}.jsonl document {p.get('doc', '?')}: empty continuation")
-                # Cut from the left, as lm-eval does: every kept token follows its real predecessors, and a
-                # continuation longer than the window keeps its last max_seq_len - 1 tokens.
-                ids = ([self.eos] + ctx + cont)[-self.inf.max_seq_len:]
                 seqs.append(ids)
-                firsts.append(max(1, len(ids) - len(cont)))
+                firsts.append(first)
                 coeffs.append(1.0 / (len(self.sampler.tasks) * len(pairs)))
         for idx in length_batches([len(s) for s in seqs], self.inf.batch_tokens):
             yield (make_batch([seqs[i] for i in idx], [firsts[i] for i in idx], self.pad).to(self.device),
@@ -456,6 +458,10 @@ def score(cfg: Config, step: int | None = None, shards: str | None = None, fit_o
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_range(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)
 
 
 def _valset_hash(path: Path) -> str:

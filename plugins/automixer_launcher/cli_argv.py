@@ -46,10 +46,20 @@ def config_overrides(params: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def cli_argv(step: str, step_args: Sequence[Any], params: Mapping[str, Any]) -> list[str]:
-    """["automixer", step, "-c", CONFIG, "--set", ..., *step_args]."""
-    argv = ["automixer", step, "-c", str(params["config"])]
-    for item in config_overrides(params):
+def cli_argv(step: str, step_args: Sequence[Any], params: Mapping[str, Any], *, config_param: str = "config",
+             overrides: bool = True) -> list[str]:
+    """["automixer", step, "-c", CONFIG, "--set", ..., *step_args].
+
+    CONFIG is the param `config_param` names (the run config; `experiment` for `automixer experiment`);
+    `overrides=False` leaves out the `--set` overrides (a command whose file holds all its settings). The
+    params are checked either way."""
+    if overrides:
+        sets = config_overrides(params)  # checks the params first
+    else:
+        check_params(params)
+        sets = []
+    argv = ["automixer", step, "-c", str(params[config_param])]
+    for item in sets:
         argv += ["--set", item]
     return argv + [str(a) for a in step_args]
 

@@ -18,6 +18,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from automixer_launcher.cli_argv import BACKENDS, cli_argv, config_overrides
+from automixer_launcher.param_checks import check_params
 
 
 class AutomixerStepOperator(BaseOperator):
@@ -70,7 +71,7 @@ class AutomixerStepOperator(BaseOperator):
         elif name == "slurm":
             from automixer_launcher.backend_slurm import SlurmJob
 
-            log_dir = settings.get("log_dir") or str(run_dir(context["params"]) / "slurm")
+            log_dir = settings.get("log_dir") or str(self.work_dir(context["params"]) / "slurm")
             self._running = SlurmJob(settings)
             self._running.run(argv, gpu=self.gpu, job_name=self._job_name(context), log_dir=log_dir, log=log)
         else:
@@ -97,6 +98,10 @@ class AutomixerStepOperator(BaseOperator):
 
     # ------------------------------------------------------------ helpers
 
+    def work_dir(self, params) -> Path:
+        """Where the command writes: the run directory (Slurm logs go to its `slurm/`; outlet metadata reads it)."""
+        return run_dir(params)
+
     def _log_line(self, line: str) -> None:
         self.log.info("%s", line)
 
@@ -108,7 +113,7 @@ class AutomixerStepOperator(BaseOperator):
     def _record_outputs(self, context) -> None:
         if not self.outlet_metadata or not self.outlets:
             return
-        extra = self.outlet_metadata(run_dir(context["params"]))
+        extra = self.outlet_metadata(self.work_dir(context["params"]))
         for asset in self.outlets:
             context["outlet_events"][asset].extra.update(extra)
 
@@ -118,3 +123,35 @@ def run_dir(params) -> Path:
     from automixer_ops.config import load_config
 
     return load_config(params["config"], config_overrides(params)).run_dir
+
+
+class ExperimentStepOperator(AutomixerStepOperator):
+    """Run `automixer experiment -c EXPERIMENT [step_args]` (dags/automixer_experiment.py) on the run's backend.
+
+    The same operator with the experiment file (the run param `experiment`) in place of the run config, no
+    `--set` overrides (the experiment file holds its settings), and the experiment directory as the place
+    its Slurm logs go (`<experiment dir>/slurm/`)."""
+
+    ui_color = "#e3e0f3"
+
+    def __init__(self, *, step: str = "experiment", **kwargs: Any):
+        super().__init__(step=step, **kwargs)
+
+    def argv(self, context) -> list[str]:
+        return cli_argv(self.step, list(self.step_args or ()), context["params"], config_param="experiment",
+                        overrides=False)
+
+    def work_dir(self, params) -> Path:
+        return experiment_dir(params)
+
+
+def experiment_dir(params) -> Path:
+    """The directory of the experiment the run param `experiment` names (<root>/<name>)."""
+    from automixer_ops.errors import AutomixerError
+    from automixer_ops.experiment_config import load_experiment
+
+    check_params(params)
+    try:
+        return load_experiment(params["experiment"]).directory
+    except AutomixerError as e:
+        raise AirflowFailException(f"experiment file: {e}") from None
