@@ -388,7 +388,7 @@ class Config:
 
     def to_dict(self, resolved: bool = True) -> dict:
         """The config as plain data; with resolved=True, paths are absolute."""
-        data = _to_dict(self)
+        data = plain_data(self)
         if resolved:
             data["run"]["root"] = str(self.resolve(self.run.root).resolve())
             data["corpus"]["paths"] = [_resolve_pattern(self, p) for p in self.corpus.paths]
@@ -410,12 +410,13 @@ def _resolve_pattern(cfg: Config, pattern: str) -> str:
     return os.path.normpath(p if p.is_absolute() else (cfg.base_dir.resolve() / p))
 
 
-def _to_dict(obj: Any) -> Any:
+def plain_data(obj: Any) -> Any:
+    """A config dataclass (or list of them) as plain dicts and lists, without internal fields."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+        return {f.name: plain_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)
                 if not f.metadata.get("internal")}
     if isinstance(obj, list):
-        return [_to_dict(v) for v in obj]
+        return [plain_data(v) for v in obj]
     return obj
 
 
@@ -614,7 +615,7 @@ def _reference_rows(cls: type, prefix: str) -> list[str]:
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        default = "*required*" if f.metadata.get("required") else f"`{_yaml_scalar(_to_dict(_field_default(f)))}`"
+        default = "*required*" if f.metadata.get("required") else f"`{_yaml_scalar(plain_data(_field_default(f)))}`"
         rows.append(f"| `{prefix}{f.name}` | {_type_name(hints[f.name])} | {default} | {f.metadata['doc']} |")
         if dataclasses.is_dataclass(hints[f.name]):
             rows += _reference_rows(hints[f.name], f"{prefix}{f.name}.")

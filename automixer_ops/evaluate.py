@@ -32,7 +32,7 @@ from automixer_ops.config import DOC_USES, Config
 from automixer_ops.errors import AutomixerError
 from automixer_ops.rundir import (SUCCESS, RunDir, atomic_write, atomic_write_text, fingerprint, parquet_metadata,
                                   write_marker)
-from automixer_ops.samplers import METRIC_PREFERENCE
+from automixer_ops.samplers import headline_metric
 from automixer_ops.tasks import cross_use_duplicates, doc_ranges, load_checked_tasks, validation_pairs
 
 COLUMNS = ("step", "task", "metric", "value", "stderr", "n_docs")
@@ -111,8 +111,7 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, step: int | None =
             log(f"step {step}: already evaluated")
             continue
         rows = evaluate_checkpoint(cfg, ckpt, tasks, step, docs=ranges["selection"], pairs=pairs["selection"])
-        table = pa.Table.from_pylist(rows, schema=_schema()).replace_schema_metadata({"fingerprint": stamp})
-        atomic_write(out, lambda tmp: pq.write_table(table, tmp))
+        write_rows(out, rows, stamp)
         summary = ", ".join(f"{r['task']} {r['value']:.3f}" for r in rows if r["metric"] == _headline(rows, r["task"]))
         log(f"step {step}: {summary}")
     if only is not None:
@@ -185,7 +184,17 @@ def _schema():
 
 def _headline(rows: list[dict], task: str) -> str:
     metrics = {r["metric"] for r in rows if r["task"] == task}
-    return next((m for m in METRIC_PREFERENCE if m in metrics), sorted(metrics)[0])
+    return headline_metric(metrics) or sorted(metrics)[0]
+
+
+def write_rows(path: Path, rows: list[dict], stamp: str) -> None:
+    """Benchmark rows (step, task, metric, value, stderr, n_docs) as Parquet, stamped with what they were
+    measured on (read back with parquet_metadata(path)["fingerprint"]); written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=_schema()).replace_schema_metadata({"fingerprint": stamp})
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def evaluate_model(cfg: Config, ckpt: Path, use: Literal["selection", "test"], step: int = 0,

@@ -23,17 +23,16 @@ Stages (each resumable; the Airflow DAG `automixer_experiment` runs them as task
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
-from automixer_ops.config import Config
+from automixer_ops.config import Config, plain_data
 from automixer_ops.errors import AutomixerError
 from automixer_ops.experiment_config import ExperimentConfig, MethodSpec
 from automixer_ops.rundir import (RunDir, atomic_write, atomic_write_text, fingerprint, parquet_metadata,
-                                  write_run_marker)
+                                  replace_link, write_run_marker)
 
 PIPELINE_KINDS = ("automixer", "last-ckpt", "all-ckpt", "scores")
 METHOD_MARKER = "_EXPERIMENT_METHOD.json"  # in a pipeline method's run: what it was prepared from
@@ -82,7 +81,7 @@ class Experiment:
         t0 = time.perf_counter()
         base = self.exp.base_config()
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.dir / "experiment.json", json.dumps(_plain(self.exp), indent=2) + "\n")
+        atomic_write_text(self.dir / "experiment.json", json.dumps(plain_data(self.exp), indent=2) + "\n")
         self.log(f"experiment {self.exp.name}: base run {base.run_dir}")
         prepare(base, log=self.log)
         train_proxy(base, log=self.log)
@@ -112,7 +111,7 @@ class Experiment:
 
     def method_identity(self, m: MethodSpec) -> str:
         """What a pipeline method's run was prepared from: the method's entry and the config it ran with."""
-        return fingerprint({"method": _plain(m), "config": self.method_config(m).to_dict()})
+        return fingerprint({"method": plain_data(m), "config": self.method_config(m).to_dict()})
 
     def write_selection(self, m: MethodSpec, cfg: Config, run: RunDir) -> None:
         import pyarrow.parquet as pq
@@ -165,7 +164,8 @@ class Experiment:
     # ------------------------------------------------------------ one unit
 
     def run_unit(self, name: str, seed: int) -> Path:
-        from automixer_ops.evaluate import evaluate_model
+        from automixer_ops.evaluate import evaluate_model, write_rows
+        from automixer_ops.experiment_table import headline_metrics
         from automixer_ops.train_target import train_target
 
         m = self.exp.method(name)
@@ -195,10 +195,11 @@ class Experiment:
             self.log(f"{name} seed {seed}: already evaluated ({path})")
             return path
         rows = evaluate_model(base, checkpoints[last], use="test", step=last, setup_dir=self.dir / "eval_tasks")
-        _write_rows(path, rows, stamp)
+        write_rows(path, rows, stamp)
         times["eval_s"] = time.perf_counter() - t0
         _record_time(self.target_dir(name, seed) / "unit.json", sum(times.values()), **times)
-        headline = {r["task"]: r["value"] for r in rows if r["metric"] in ("acc_norm",)}
+        headline = {t: next(r["value"] for r in rows if r["task"] == t and r["metric"] == m)
+                    for t, m in headline_metrics(rows).items()}
         self.log(f"{name} seed {seed}: evaluated on the test documents -> {path} "
                  f"({', '.join(f'{t} {v:.3f}' for t, v in sorted(headline.items()))})")
         return path
@@ -290,11 +291,12 @@ class Experiment:
                                                            for n, s in self.exp.units())
         meta = {"name": self.exp.name, "methods": [(m.name, m.kind) for m in self.exp.methods],
                 "seeds": self.exp.seeds, "token_budget": self.exp.token_budget,
-                "target": _plain(self.exp.target), "base": str(self.exp.resolve(self.exp.base).resolve()),
-                "command": f"automixer experiment -c {self.exp.source}", "wall_s": wall, "appendix": self.appendix()}
+                "target": plain_data(self.exp.target), "base": str(self.exp.resolve(self.exp.base).resolve()),
+                "command": f"automixer experiment -c {self.exp.source}", "wall_s": wall,
+                "appendix": self.appendix(results.to_pylist())}
         return write_table(path, self.dir, self.exp.baseline, meta)
 
-    def appendix(self) -> list[str]:
+    def appendix(self, rows: list[dict]) -> list[str]:
         """What each method chose and drew: the base run's Table 1, each pipeline method's samplers, and every
         mixture's share of each source next to the corpus' own (seed of the first unit)."""
         from automixer_ops.samplers import format_table1, read_selection
@@ -317,16 +319,13 @@ class Experiment:
                   "| (corpus) | " + " | ".join(f"{100 * corpus[s]:.1f}" for s in sources) + " |"]
         for name, share in shares.items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * share.get(s, 0.0):.1f}" for s in sources) + " |")
-        return lines + [""] + self.noise_lines(read_selection(base))
+        return lines + [""] + self.noise_lines(read_selection(base), rows)
 
-    def noise_lines(self, selection) -> list[str]:
+    def noise_lines(self, selection, rows: list[dict]) -> list[str]:
         """How large a difference this experiment can see: each task's document-level stderr on the test documents,
         the checkpoints' separation in Table 1, and how far each target trained (its last logged loss)."""
-        import pyarrow.parquet as pq
-
         from automixer_ops.experiment_table import headline_metrics
 
-        rows = pq.read_table(self.dir / "results.parquet").to_pylist()
         headline = headline_metrics(rows)
         lines = ["## How large a difference can this experiment see?", "",
                  "Per task: the median over units of lm-eval's standard error of the headline accuracy on the test "
@@ -400,16 +399,10 @@ def link_base_run(base: RunDir, run: RunDir) -> None:
 def _link(target: Path, link: Path) -> None:
     """link -> target, replaced atomically when it points elsewhere; a real file or directory there is an error
     (it is not ours to replace)."""
-    if link.is_symlink():
-        if Path(os.readlink(link)) == target:
-            return
-    elif link.exists():
+    if link.exists() and not link.is_symlink():
         raise AutomixerError(f"{link}: exists and is not a link; remove it to rebuild the experiment's run")
     link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".link-{link.name}-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target, target_is_directory=target.is_dir())
-    os.replace(tmp, link)
+    replace_link(link, target)
 
 
 def _last_loss(log: Path) -> float | None:
@@ -417,16 +410,6 @@ def _last_loss(log: Path) -> float | None:
         return float(json.loads(log.read_text(encoding="utf-8").splitlines()[-1])["loss"])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
-
-
-def _write_rows(path: Path, rows: list[dict], stamp: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([("step", pa.int64()), ("task", pa.string()), ("metric", pa.string()),
-                        ("value", pa.float64()), ("stderr", pa.float64()), ("n_docs", pa.int64())])
-    table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata({"fingerprint": stamp})
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _record_time(path: Path, seconds: float, **parts: float) -> None:
@@ -439,15 +422,6 @@ def _read_time(path: Path) -> float:
         return float(json.loads(path.read_text(encoding="utf-8"))["wall_s"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0.0
-
-
-def _plain(obj) -> dict:
-    import dataclasses
-
-    return {f.name: _plain(getattr(obj, f.name)) if dataclasses.is_dataclass(getattr(obj, f.name))
-            else ([_plain(v) if dataclasses.is_dataclass(v) else v for v in getattr(obj, f.name)]
-                  if isinstance(getattr(obj, f.name), list) else getattr(obj, f.name))
-            for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
 
 
 def run_experiment(exp: ExperimentConfig, stage: str | None, method: str | None, seed: int | None,

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from automixer_ops.errors import AutomixerError
-from automixer_ops.samplers import LOWER_IS_BETTER, METRIC_PREFERENCE
+from automixer_ops.rundir import fsync_file
+from automixer_ops.samplers import LOWER_IS_BETTER, METRIC_PREFERENCE, headline_metric
 
 ACCURACY_METRICS = tuple(m for m in METRIC_PREFERENCE if m in ("acc_norm", "acc"))
 LIKELIHOOD_METRICS = tuple(m for m in METRIC_PREFERENCE if m in LOWER_IS_BETTER)
@@ -146,12 +147,7 @@ def headline_metrics(rows: Iterable[dict]) -> dict[str, str]:
     reported: dict[str, set[str]] = {}
     for r in rows:
         reported.setdefault(r["task"], set()).add(r["metric"])
-    out = {}
-    for task in sorted(reported):
-        metric = next((m for m in METRIC_PREFERENCE if m in reported[task]), None)
-        if metric is not None:
-            out[task] = metric
-    return out
+    return {task: metric for task in sorted(reported) if (metric := headline_metric(reported[task])) is not None}
 
 
 def _method_order(rows: list[dict], meta: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
@@ -416,11 +412,6 @@ def _render_plot(blocks: list[Block], methods: list[str], kinds: dict[str, str],
 
 # ---------------------------------------------------------------- writing
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def write_table(results: Path, out_dir: Path, baseline: str, meta: dict) -> tuple[Path, Path]:
     """table.md and plot.png from results.parquet; returns their paths (written atomically).
 
@@ -441,8 +432,8 @@ def write_table(results: Path, out_dir: Path, baseline: str, meta: dict) -> tupl
     try:
         tmp_table.write_text(text, encoding="utf-8")
         _render_plot(blocks, methods, kinds, baseline, tmp_plot)
-        _fsync(tmp_table)
-        _fsync(tmp_plot)
+        fsync_file(tmp_table)
+        fsync_file(tmp_plot)
         os.replace(tmp_plot, plot)
         os.replace(tmp_table, table)
     finally:

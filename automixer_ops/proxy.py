@@ -10,7 +10,6 @@ Or, with `proxy.checkpoints`, the user's own checkpoints are linked into the run
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +18,7 @@ import numpy as np
 from automixer_ops.checkpoints import check_checkpoint_dir, list_checkpoints
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError, ConfigError
-from automixer_ops.rundir import RunDir, read_marker
+from automixer_ops.rundir import RunDir, read_marker, replace_link
 from automixer_ops.trainer import (PRESETS, TrainJob, checked_checkpoints, load_trainer_state,  # noqa: F401
                                    model_config, pack_documents, settings_fingerprint, train)
 
@@ -146,10 +145,7 @@ def link_checkpoints(cfg: Config, run: RunDir, log: Callable[[str], None]) -> di
         link = root / f"step-{step}"
         if link.is_symlink() and link.resolve() == src:
             continue
-        tmp = root / f".staging-link-{step}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(src, target_is_directory=True)
-        os.replace(tmp, link)
+        replace_link(link, src)
     found = list_checkpoints(run)
     log(f"using {len(found)} existing checkpoint(s): steps {', '.join(map(str, found))}")
     return found

@@ -240,6 +240,17 @@ def publish(staged: Path, final: Path) -> None:
 RUN_MARKER = "_AUTOMIXER_RUN.json"
 
 
+def replace_link(link: Path, target: Path) -> None:
+    """Make `link` a symlink to `target` in one rename (a staged link, so a crash leaves at most a `.staging-*`
+    entry that clean_stale_staging removes); a link already pointing there is left alone."""
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    tmp = link.parent / f"{STAGING_PREFIX}link-{link.name}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target, target_is_directory=target.is_dir())
+    os.replace(tmp, link)
+
+
 def is_run_directory(path: Path) -> bool:
     """A directory AutoMixer made: it holds the run marker (written by prepare), or a prepared corpus (runs
     prepared before the marker existed)."""

@@ -23,6 +23,11 @@ ALPHA_TOLERANCE = 1e-9
 SELECT_METRICS = ("auto", "acc", "acc_norm", "gold_ll")  # the values of select.metric
 
 
+def headline_metric(metrics) -> str | None:
+    """The metric a task is reported by: the first of METRIC_PREFERENCE among `metrics` (None: none of them)."""
+    return next((m for m in METRIC_PREFERENCE if m in metrics), None)
+
+
 def metric_preference(metric: str = "auto") -> tuple[str, ...]:
     """The metrics select tries for a task, in order, under the select.metric setting: 'auto' is
     METRIC_PREFERENCE; 'acc' or 'acc_norm' come first and fall back to it (boolq and winogrande report no

@@ -41,6 +41,7 @@ def dag(dagmod):
 
 
 def test_dag_file_parses_in_under_two_seconds_without_heavy_imports():
+    """Both DAG files (automixer, automixer_experiment), as the DAG processor parses the folder."""
     # A fresh interpreter, as the DAG processor has: Airflow itself already imported, then the file
     # parsed by a DagBag (what `airflow dags list-import-errors` and the processor do).
     code = textwrap.dedent(f"""
