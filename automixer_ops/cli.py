@@ -116,7 +116,8 @@ def cmd_mix(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from automixer_ops.report import report
 
-    path, text = report(_load(args), log=_log)
+    path, text = report(_load(args), log=_log,
+                        experiment=Path(args.experiment).resolve() if args.experiment else None)
     print(text)
     return 0
 
@@ -145,6 +146,83 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         table, plot = out
         print(table.read_text(encoding="utf-8"))
         print(f"table: {table}\nplot: {plot}\nresults: {table.parent / 'results.parquet'}")
+    return 0
+
+
+def cmd_group_influence(args: argparse.Namespace) -> int:
+    from automixer_ops.rundir import RunDir
+    from automixer_ops.tikmix.group_influence import group_influence, record
+    from automixer_ops.tikmix.method import DB_NAME, checkpoint_step, gi_settings
+
+    cfg = _load(args)
+    run = RunDir(cfg.run_dir)
+    if args.checkpoint:
+        ckpt, step = Path(args.checkpoint).resolve(), None
+        label = f"checkpoint:{ckpt}"
+        name = f"{ckpt.parent.name}-{ckpt.name}"
+    else:
+        if args.step is not None:
+            cfg.tikmix.checkpoint = args.step
+        step, ckpt = checkpoint_step(cfg, run)
+        label, name = f"proxy:step-{step}", f"step={step}"
+    settings = gi_settings(cfg, seed=cfg.run.seed)
+    work = run.path / "tikmix"
+    out = work / "gi" / f"{name}-{settings.estimate}"
+    gi = group_influence(run, ckpt, list(cfg.tasks.names()), settings, out, log=_log)
+    recorded = record(work / DB_NAME, out, label, step)
+    import duckdb
+
+    # Groups down, tasks across (higher = more helpful); the stderr and counts are in the table.
+    rows = duckdb.sql("SELECT group_name, task, gi FROM read_parquet($p)", params={"p": str(gi)}).fetchall()
+    tasks, groups = sorted({r[1] for r in rows}), sorted({r[0] for r in rows})
+    value = {(g, t): v for g, t, v in rows}
+    width = max(12, *(len(t) + 2 for t in tasks))
+    print(f"{'group':<16}" + "".join(f"{t:>{width}}" for t in tasks))
+    for g in groups:
+        print(f"{g:<16}" + "".join(f"{value.get((g, t), float('nan')):>{width}.4g}" for t in tasks))
+    print(f"group influence: {gi} ({recorded} rows in {work / DB_NAME}, table group_influence)")
+    return 0
+
+
+def cmd_tikmix(args: argparse.Namespace) -> int:
+    from automixer_ops.rundir import RunDir
+    from automixer_ops.tikmix.method import tikmix_mixture
+
+    cfg = _load(args)
+    run = RunDir(cfg.run_dir)
+    seed = cfg.run.seed if args.seed is None else args.seed
+    out = Path(args.out).resolve() if args.out else run.path / "tikmix" / f"mixture-{args.variant}"
+    budget = cfg.mix.token_budget
+    tikmix_mixture(cfg, args.variant, out, budget, seed, run.path / "tikmix", log=_log)
+    print(f"mixture: {out} ({budget:,} tokens; weights.json, blend.txt, part-*.parquet)")
+    return 0
+
+
+def cmd_tikmix_dynamic(args: argparse.Namespace) -> int:
+    from automixer_ops.rundir import RunDir
+    from automixer_ops.tikmix.dynamic import train_dynamic
+
+    cfg = _load(args)
+    run = RunDir(cfg.run_dir)
+    seed = cfg.run.seed if args.seed is None else args.seed
+    out = Path(args.out).resolve() if args.out else run.path / "tikmix" / f"dynamic-{args.variant}" / f"seed-{seed}"
+    ckpts = train_dynamic(cfg, args.variant, out, cfg.target, cfg.mix.token_budget, seed, log=_log,
+                          until_stage=args.stage, measure_only=args.measure_only)
+    print(f"stages: {out / 'stages.json'} (plot {out / 'stages.png'}); checkpoints: "
+          f"{', '.join(f'step-{s}' for s in sorted(ckpts)) or 'none yet'}")
+    return 0
+
+
+def cmd_tikmix_online(args: argparse.Namespace) -> int:
+    from automixer_ops.tikmix.online import LATEST, publish_new_checkpoints
+
+    out = Path(args.out).resolve()
+    published = publish_new_checkpoints(_load(args), Path(args.watch).resolve(), out, args.variant, log=_log,
+                                        settle_seconds=args.settle)
+    for row in published:
+        print(f"published {row['name']}: {row['checkpoint']} (step {row['step']}) -> "
+              f"{out / 'versions' / row['name']} (weights.json, blend.txt, domain_weights.json)")
+    print(f"latest: {out / LATEST}" if published else "nothing new")
     return 0
 
 
@@ -188,9 +266,10 @@ STEPS = [
      "Train a model of the config's `target` settings (a preset, which may differ from the proxy's) on a mixture "
      "directory (mix's or any method's), for the mixture's token budget, in the mixture's order; resumes exactly "
      "from its latest checkpoint."),
-    ("report", cmd_report, "check DESIGN §3's invariants in SQL and summarise the run -> report/summary.md",
+    ("report", cmd_report, "check DESIGN §3's invariants in SQL; summarise the run -> report/index.html, summary.md",
      "Run the invariant queries of sql/checks/ on automixer.duckdb and write report/summary.md (Table 1, "
-     "weights, the mixture per group, the invariants); fails if an invariant does not hold."),
+     "weights, the mixture per group, the invariants) and report/index.html, one self-contained page with "
+     "plots (docs/report.md); fails if an invariant does not hold, after writing both."),
 ]
 
 
@@ -221,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="where the target's checkpoints/ and log go "
                                          "(default: <run>/targets/mixture/seed-<seed>)")
             p.add_argument("--seed", type=int, help="initialisation seed (default: run.seed)")
+        if name == "report":
+            p.add_argument("--experiment", metavar="DIR",
+                           help="an experiment directory (e.g. experiments/demo): its table and plot go on the page")
         if name == "evaluate":
             p.add_argument("--step", type=int, help="evaluate only the checkpoint of this step (resumable); "
                                                     "a later run without --step combines the table")
@@ -236,6 +318,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="with --stage run: one method's unit")
     p.add_argument("--seed", type=int, help="with --stage run: one seed's unit")
     p.set_defaults(func=cmd_experiment)
+
+    p = steps.add_parser("group-influence", help="TiKMiX's Group Influence of every group on every task at a "
+                                                 "checkpoint -> tikmix/gi/, table group_influence",
+                         description="Group Influence (docs/tikmix.md): the token-weighted mean DataInf utility of each "
+                                     "group (tikmix.group_by) for each target task, fit and scored for all tasks in "
+                                     "the same passes; from a per-group sample (tikmix.estimate: sample) or the whole "
+                                     "corpus (full). Recorded in <run>/tikmix/tikmix.duckdb.")
+    _add_config_args(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--step", type=int, help="a proxy checkpoint step (default: tikmix.checkpoint, else the last)")
+    where.add_argument("--checkpoint", metavar="DIR", help="any checkpoint directory of the run's model family "
+                                                           "(e.g. a target model's) with the run's tokenizer")
+    p.set_defaults(func=cmd_group_influence)
+
+    p = steps.add_parser("tikmix", help="a static TiKMiX-D or -M mixture from the proxy -> tikmix/mixture-<variant>/",
+                         description="Group Influence at the proxy checkpoint, then TiKMiX-D (the influence-maximising "
+                                     "mixture with entropy, floors and caps) or TiKMiX-M (probe trainings, LightGBM, "
+                                     "search), and a token-budgeted draw by source: the mixture/ contract "
+                                     "(docs/tikmix.md). Weights are recorded in <run>/tikmix/tikmix.duckdb.")
+    _add_config_args(p)
+    p.add_argument("--variant", choices=["d", "m"], default="d", help="TiKMiX-D (default) or TiKMiX-M")
+    p.add_argument("--out", help="mixture directory (default: <run>/tikmix/mixture-<variant>)")
+    p.add_argument("--seed", type=int, help="the draw's seed (default: run.seed)")
+    p.set_defaults(func=cmd_tikmix)
+
+    p = steps.add_parser("tikmix-dynamic", help="train the config's target in tikmix.stages stages, re-solving "
+                                                "the mixture at each boundary -> tikmix/dynamic-<variant>/seed-<s>/",
+                         description="Dynamic TiKMiX (docs/tikmix.md): the target model (`target`) trained for "
+                                     "mix.token_budget tokens in stages; stage 0 on the corpus' natural shares, then at "
+                                     "every boundary Group Influence on the target's own checkpoint, TiKMiX-D (or -M) "
+                                     "from the previous stage's weights, and training continues (optimizer, schedule "
+                                     "and data position carried over). Resumes; --stage runs up to one stage.")
+    _add_config_args(p)
+    p.add_argument("--variant", choices=["d", "m"], default="d", help="TiKMiX-D (default) or TiKMiX-M at each boundary")
+    p.add_argument("--out", help="where checkpoints, stages and tables go "
+                                 "(default: <run>/tikmix/dynamic-<variant>/seed-<seed>)")
+    p.add_argument("--seed", type=int, help="initialisation and draw seed (default: run.seed)")
+    p.add_argument("--stage", type=int, help="run stages 0..STAGE only (the DAG's task groups)")
+    p.add_argument("--measure-only", action="store_true",
+                   help="with --stage: measure, solve and draw that stage's mixture, do not train it")
+    p.set_defaults(func=cmd_tikmix_dynamic)
+
+    p = steps.add_parser("tikmix-online", help="watch your training run's checkpoint directory: publish TiKMiX "
+                                               "weights for each new checkpoint -> OUT/versions/v<N>/",
+                         description="TiKMiX online mode (docs/tikmix.md): for each complete checkpoint of --watch not "
+                                     "published yet, in step order: Group Influence, TiKMiX-D (or -M) from the latest "
+                                     "published weights, and a new version in --out (weights.json, Megatron blend.txt, "
+                                     "Olmix domain_weights.json; tikmix.duckdb; OUT/latest). A rerun with no new "
+                                     "checkpoint publishes nothing.")
+    _add_config_args(p)
+    p.add_argument("--watch", required=True, metavar="DIR", help="the directory your trainer saves checkpoints into")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the versions, tikmix.duckdb and latest go")
+    p.add_argument("--variant", choices=["d", "m"], default="d", help="TiKMiX-D (default) or TiKMiX-M")
+    p.add_argument("--settle", type=float, default=60.0, metavar="SECONDS",
+                   help="a checkpoint directory must have been unchanged this long (default 60)")
+    p.set_defaults(func=cmd_tikmix_online)
 
     p = steps.add_parser("config", help="validate a config and print it resolved, or print the reference",
                          description="Validate a run config and print it with every default filled in and "

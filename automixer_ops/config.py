@@ -11,7 +11,6 @@ behaves the same from any working directory (an Airflow worker's is not yours).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import math
@@ -25,18 +24,10 @@ from typing import Any, Literal
 
 import yaml
 
+from automixer_ops.config_fields import required, setting
 from automixer_ops.errors import ConfigError
 
 
-def setting(default: Any, doc: str) -> Any:
-    """A config field with its default and the doc line shown in the reference."""
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
-
-
-def required(doc: str) -> Any:
-    return field(metadata={"doc": doc, "required": True})
 
 
 # Keys that were removed, and where their setting lives now: giving one fails with this line.
@@ -360,6 +351,41 @@ class TargetSection(TrainingSettings):
                             grad_clip=self.grad_clip, device=self.device, log_every=self.log_every)
 
 
+# TiKMiX's solver settings live beside their solvers (which import config_fields, not this module).
+from automixer_ops.tikmix.solve_d import SolveDSettings  # noqa: E402
+from automixer_ops.tikmix.solve_m import SolveMSettings  # noqa: E402
+
+
+@dataclass(kw_only=True)
+class TikmixSection:
+    group_by: str = setting("source", "Corpus column whose values are TiKMiX's groups (the mixture draws by "
+                                      "source: only 'source' can be mixed yet; any column can be measured).")
+    estimate: Literal["sample", "full"] = setting(
+        "sample", "Group Influence from a seeded sample of per_group documents per group ('sample', the cheap one "
+                  "each stage uses) or from every corpus document ('full').")
+    per_group: int = setting(64, "Documents per group in a 'sample' estimate.")
+    checkpoint: int | None = setting(None, "Proxy checkpoint step of a static TiKMiX mixture; null: the last.")
+    d: SolveDSettings = setting(SolveDSettings(), "TiKMiX-D: the influence-maximising mixture (docs/tikmix.md).")
+    m: SolveMSettings = setting(SolveMSettings(), "TiKMiX-M: probe trainings, regressors and search (docs/tikmix.md).")
+    stages: int = setting(4, "Stages of a dynamic TiKMiX run: the mixture is re-solved at each stage boundary.")
+    stage_tokens: int | None = setting(
+        None, "Online mode: the tokens your trainer trains between two re-solves (the caps' denominator); "
+              "null: mix.token_budget.")
+
+    def check(self, where: str) -> None:
+        if not self.group_by:
+            raise ConfigError(f"{where}.group_by: must name a corpus column")
+        if self.per_group < 2:
+            raise ConfigError(f"{where}.per_group: must be >= 2 (a standard error needs two), got {self.per_group}")
+        if self.checkpoint is not None and self.checkpoint < 0:
+            raise ConfigError(f"{where}.checkpoint: a step >= 0 or null, got {self.checkpoint}")
+        if self.stages < 1:
+            raise ConfigError(f"{where}.stages: must be >= 1, got {self.stages}")
+        if self.stage_tokens is not None and self.stage_tokens < 1:
+            raise ConfigError(f"{where}.stage_tokens: must be >= 1 or null, got {self.stage_tokens}")
+        self.d.check(f"{where}.d")
+
+
 @dataclass(kw_only=True)
 class Config:
     run: RunSection = setting(RunSection(), "Where the run lives and its seed.")
@@ -374,6 +400,8 @@ class Config:
     mix: MixSection = setting(MixSection(), "The token-budgeted training mixture.")
     target: TargetSection = setting(TargetSection(), "The target model `automixer train-target` trains on a mixture "
                                                      "(an experiment file has its own `target`, which experiments use).")
+    tikmix: TikmixSection = setting(TikmixSection(), "TiKMiX: Group Influence and mixtures re-solved from it "
+                                                     "(`automixer tikmix`, docs/tikmix.md).")
 
     # Directory that relative paths resolve against; not a YAML key.
     base_dir: Path = field(default=Path("."), repr=False, compare=False, metadata={"internal": True})
@@ -411,12 +439,14 @@ def _resolve_pattern(cfg: Config, pattern: str) -> str:
 
 
 def plain_data(obj: Any) -> Any:
-    """A config dataclass (or list of them) as plain dicts and lists, without internal fields."""
+    """A config dataclass (or a list or mapping holding them) as plain dicts and lists, without internal fields."""
     if dataclasses.is_dataclass(obj):
         return {f.name: plain_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)
                 if not f.metadata.get("internal")}
-    if isinstance(obj, list):
+    if isinstance(obj, (list, tuple)):
         return [plain_data(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: plain_data(v) for k, v in obj.items()}
     return obj
 
 
@@ -558,6 +588,11 @@ def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {key}: expected a list, got {_show(value)}")
         return [_coerce(args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {_show(value)}")
+        return {_coerce(args[0], k, f"{key} (a key)", where): _coerce(args[1], v, f"{key}[{k!r}]", where)
+                for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key}: expected true or false, got {_show(value)}")
@@ -629,7 +664,7 @@ def _field_default(f: dataclasses.Field) -> Any:
 
 
 def _yaml_scalar(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip().removesuffix("...").strip()
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 30).strip().removesuffix("...").strip()
 
 
 def _type_name(tp: Any) -> str:
@@ -640,6 +675,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping {_type_name(args[0])} -> {_type_name(args[1])}"
     if dataclasses.is_dataclass(tp):
         return "{" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
     return getattr(tp, "__name__", str(tp))

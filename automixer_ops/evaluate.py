@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -30,6 +29,7 @@ from automixer_ops.checkpoints import (checkpoint_identity, checkpoint_tokenizer
                                        load_causal_lm, pick_device)
 from automixer_ops.config import DOC_USES, Config
 from automixer_ops.errors import AutomixerError
+from automixer_ops.progress import Progress, heartbeat, progress_mode
 from automixer_ops.rundir import (SUCCESS, RunDir, atomic_write, atomic_write_text, fingerprint, parquet_metadata,
                                   write_marker)
 from automixer_ops.samplers import headline_metric
@@ -44,8 +44,9 @@ GOLD_LL_VERSION = 1  # in the evaluation fingerprint: a change to how gold_ll is
 def _quiet_libraries() -> None:
     """lm-eval, datasets and transformers log per batch; keep the step's output readable.
 
-    Off a terminal (Airflow logs, CI) lm-eval's request bars are turned off too: it passes
-    `disable=False` explicitly, which beats TQDM_DISABLE, so its modules' `tqdm` is wrapped.
+    Without progress bars (off a terminal: Airflow logs, CI; or AUTOMIXER_PROGRESS) lm-eval's request
+    bars are turned off too: it passes `disable=False` explicitly, which beats TQDM_DISABLE, so its
+    modules' `tqdm` is wrapped. The step's own progress lines say how long it has been at it.
     """
     import datasets
     import transformers
@@ -53,7 +54,7 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    if not sys.stderr.isatty():
+    if progress_mode() != "bars":
         import lm_eval.api.model
         import lm_eval.api.task
         import lm_eval.models.huggingface
@@ -104,16 +105,22 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, step: int | None =
 
     steps_dir = run.eval / "steps"
     steps_dir.mkdir(parents=True, exist_ok=True)
-    for step, ckpt in checkpoints.items():
-        out = steps_dir / f"step-{step}.parquet"
-        stamp = f"{setup_fp}-{checkpoint_identity(ckpt)}"
-        if out.exists() and parquet_metadata(out).get("fingerprint") == stamp:
-            log(f"step {step}: already evaluated")
-            continue
-        rows = evaluate_checkpoint(cfg, ckpt, tasks, step, docs=ranges["selection"], pairs=pairs["selection"])
-        write_rows(out, rows, stamp)
-        summary = ", ".join(f"{r['task']} {r['value']:.3f}" for r in rows if r["metric"] == _headline(rows, r["task"]))
-        log(f"step {step}: {summary}")
+    with Progress("evaluate", total=len(checkpoints), unit="checkpoint") as progress:
+        log = progress.log_through(log)
+        for step, ckpt in checkpoints.items():
+            out = steps_dir / f"step-{step}.parquet"
+            stamp = f"{setup_fp}-{checkpoint_identity(ckpt)}"
+            if out.exists() and parquet_metadata(out).get("fingerprint") == stamp:
+                log(f"step {step}: already evaluated")
+                progress.skip(1)
+                continue
+            rows = evaluate_checkpoint(cfg, ckpt, tasks, step, docs=ranges["selection"], pairs=pairs["selection"],
+                                       progress=progress)
+            write_rows(out, rows, stamp)
+            progress.update(1)
+            summary = ", ".join(f"{r['task']} {r['value']:.3f}" for r in rows
+                                if r["metric"] == _headline(rows, r["task"]))
+            log(f"step {step}: {summary}")
     if only is not None:
         return steps_dir / f"step-{only}.parquet"
 
@@ -221,9 +228,14 @@ def evaluate_model(cfg: Config, ckpt: Path, use: Literal["selection", "test"], s
 
 
 def evaluate_checkpoint(cfg: Config, ckpt: Path, tasks: dict, step: int, use: str = "selection",
-                        docs: dict[str, range] | None = None, pairs: dict[str, list[dict]] | None = None) -> list[dict]:
+                        docs: dict[str, range] | None = None, pairs: dict[str, list[dict]] | None = None,
+                        progress: Progress | None = None) -> list[dict]:
     """lm-eval's metrics and gold_ll of one checkpoint on the `use` documents of each task: rows of the benchmark
-    table. `docs` ({task: indices}, doc_ranges) and `pairs` ({task: validation_pairs}) when already made."""
+    table. `docs` ({task: indices}, doc_ranges) and `pairs` ({task: validation_pairs}) when already made.
+    `progress`: the caller's, told what runs now; without one, a heartbeat of its own."""
+    if progress is None:
+        with heartbeat("evaluate", f"step {step}: loading the model") as beat:
+            return evaluate_checkpoint(cfg, ckpt, tasks, step, use, docs, pairs, beat)
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -234,10 +246,12 @@ def evaluate_checkpoint(cfg: Config, ckpt: Path, tasks: dict, step: int, use: st
     device = pick_device(cfg.evaluate.device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     run = RunDir(cfg.run_dir)
+    progress.doing(f"step {step}: loading the model")
     model = load_causal_lm(ckpt, dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_tokenizer_dir(run, ckpt)))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.evaluate.batch_size, device=device)
     # `samples` (lm-eval's own document indices per task) rather than `limit`, which takes the first N only.
+    progress.doing(f"step {step}: lm-eval on {len(tasks)} task(s), {sum(map(len, docs.values())):,} documents")
     result = simple_evaluate(model=lm, tasks=list(tasks.values()), samples={t: list(r) for t, r in docs.items()},
                              num_fewshot=0, log_samples=False, bootstrap_iters=1000, random_seed=cfg.run.seed,
                              numpy_random_seed=cfg.run.seed, torch_random_seed=cfg.run.seed,
@@ -265,10 +279,12 @@ def evaluate_checkpoint(cfg: Config, ckpt: Path, tasks: dict, step: int, use: st
                          "n_docs": n_docs})
     max_len = min(cfg.influence.max_seq_len, _context_length(ckpt))
     for task in sorted(pairs):
+        progress.doing(f"step {step}: gold_ll of {task}")
         values = gold_ll_values(model, tokenizer, pairs[task], max_len, cfg.evaluate.batch_size, device, task)
         mean, stderr = mean_and_stderr(values)
         rows.append({"step": step, "task": task, "metric": GOLD_LL, "value": mean, "stderr": stderr,
                      "n_docs": len(values)})
+    progress.doing(None)
     return rows
 
 

@@ -30,7 +30,7 @@ from typing import Callable
 
 from automixer_ops.config import Config, plain_data
 from automixer_ops.errors import AutomixerError
-from automixer_ops.experiment_config import ExperimentConfig, MethodSpec
+from automixer_ops.experiment_config import TIKMIX_KINDS, ExperimentConfig, MethodSpec
 from automixer_ops.rundir import (RunDir, atomic_write, atomic_write_text, fingerprint, parquet_metadata,
                                   replace_link, write_run_marker)
 
@@ -59,6 +59,14 @@ class Experiment:
 
     def eval_file(self, name: str, seed: int) -> Path:
         return self.target_dir(name, seed) / "eval.parquet"
+
+    def tikmix_work(self, name: str) -> Path:
+        """A TiKMiX method's Group Influence, solves and tikmix.duckdb."""
+        return self.dir / "methods" / name / "work"
+
+    def tikmix_config(self, m: MethodSpec) -> Config:
+        """The base config with the method's overrides: TiKMiX reads the base run itself (checkpoints, corpus)."""
+        return self.exp.base_config(m.overrides)
 
     def method_config(self, m: MethodSpec, seed: int | None = None) -> Config:
         """The base config with the method's overrides, pointed at the method's (or the unit's) run directory."""
@@ -92,6 +100,10 @@ class Experiment:
                 self.prepare_pipeline_method(m, base)
             elif m.kind in ("ppl", "dsir"):  # their perplexities / importance weights, cached for every seed
                 self.mixture(m, self.exp.seeds[0], base)
+            elif m.kind in ("tikmix-d", "tikmix-m"):  # Group Influence at the proxy: the same for every seed
+                from automixer_ops.tikmix.method import proxy_group_influence
+
+                proxy_group_influence(self.tikmix_config(m), self.tikmix_work(m.name), self.log)
         _record_time(self.dir / "prepare.json", time.perf_counter() - t0)
 
     def prepare_pipeline_method(self, m: MethodSpec, base: Config) -> None:
@@ -173,19 +185,27 @@ class Experiment:
             raise AutomixerError(f"--seed {seed}: not a seed of this experiment ({self.exp.seeds})")
         base = self.exp.base_config()
         times = {}
-        t0 = time.perf_counter()
-        mixture = self.mixture(m, seed, base)
-        times["mixture_s"] = time.perf_counter() - t0
-        drawn = json.loads((mixture / "weights.json").read_text(encoding="utf-8"))
-        if drawn.get("underfilled"):
-            raise AutomixerError(f"{mixture}: holds {drawn.get('tokens')} of the {self.exp.token_budget:,} tokens "
-                                 "(underfilled): its target would repeat data the others do not; lower token_budget or "
-                                 "raise the method's mix.max_repeats")
-
-        t0 = time.perf_counter()
         out = self.target_dir(name, seed)
-        checkpoints = train_target(mixture, out, self.exp.target, seed, RunDir(base.run_dir).tokenizer, log=self.log)
-        times["train_s"] = time.perf_counter() - t0
+        if m.kind == "tikmix-d-dynamic":  # the mixture is re-solved while the target trains: one step does both
+            from automixer_ops.tikmix.dynamic import train_dynamic
+
+            t0 = time.perf_counter()
+            checkpoints = train_dynamic(self.tikmix_config(m), "d", out, self.exp.target, self.exp.token_budget, seed,
+                                        log=self.log)
+            times["train_s"] = time.perf_counter() - t0
+        else:
+            t0 = time.perf_counter()
+            mixture = self.mixture(m, seed, base)
+            times["mixture_s"] = time.perf_counter() - t0
+            drawn = json.loads((mixture / "weights.json").read_text(encoding="utf-8"))
+            if drawn.get("underfilled"):
+                raise AutomixerError(f"{mixture}: holds {drawn.get('tokens')} of the {self.exp.token_budget:,} tokens "
+                                     "(underfilled): its target would repeat data the others do not; lower "
+                                     "token_budget or raise the method's mix.max_repeats")
+            t0 = time.perf_counter()
+            checkpoints = train_target(mixture, out, self.exp.target, seed, RunDir(base.run_dir).tokenizer,
+                                       log=self.log)
+            times["train_s"] = time.perf_counter() - t0
         last = max(checkpoints)
 
         t0 = time.perf_counter()
@@ -234,6 +254,11 @@ class Experiment:
         return stale
 
     def mixture(self, m: MethodSpec, seed: int, base: Config) -> Path:
+        if m.kind in ("tikmix-d", "tikmix-m"):
+            from automixer_ops.tikmix.method import tikmix_mixture
+
+            return tikmix_mixture(self.tikmix_config(m), m.kind[-1], self.seed_dir(m.name, seed) / "mixture",
+                                  self.exp.token_budget, seed, self.tikmix_work(m.name), log=self.log)
         if m.kind not in PIPELINE_KINDS:
             from automixer_ops.baselines import baseline_mixture
 
@@ -319,7 +344,28 @@ class Experiment:
                   "| (corpus) | " + " | ".join(f"{100 * corpus[s]:.1f}" for s in sources) + " |"]
         for name, share in shares.items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * share.get(s, 0.0):.1f}" for s in sources) + " |")
-        return lines + [""] + self.noise_lines(read_selection(base), rows)
+        return lines + [""] + self.tikmix_lines(seed) + self.noise_lines(read_selection(base), rows)
+
+    def tikmix_lines(self, seed: int) -> list[str]:
+        """Each dynamic TiKMiX method's stages (seed `seed`): the weights, and how the group ranking moved."""
+        lines = []
+        for m in self.exp.methods:
+            path = self.target_dir(m.name, seed) / "stages.json"
+            if m.kind not in TIKMIX_KINDS or not path.is_file():
+                continue
+            info = json.loads(path.read_text(encoding="utf-8"))
+            groups = info["groups"]
+            lines += [f"{m.name}'s mixture per stage (seed {seed}, %; Spearman of the groups' influence ranking "
+                      "and of the weights with the previous stage's):", "",
+                      "| stage | steps | " + " | ".join(groups) + " | ρ influence | ρ weights |",
+                      "|---|---|" + "---:|" * (len(groups) + 2)]
+            for st in info["stages"]:
+                rho = [st.get("spearman_g_hat_vs_previous"), st.get("spearman_weights_vs_previous")]
+                lines.append(f"| {st['stage']} | {st['steps'][0]}-{st['steps'][1]} | "
+                             + " | ".join(f"{100 * st['weights'][g]:.1f}" for g in groups) + " | "
+                             + " | ".join("-" if r is None else f"{r:+.2f}" for r in rho) + " |")
+            lines.append("")
+        return lines
 
     def noise_lines(self, selection, rows: list[dict]) -> list[str]:
         """How large a difference this experiment can see: each task's document-level stderr on the test documents,
@@ -356,6 +402,8 @@ class Experiment:
         return lines + [""]
 
     def unit_mixture(self, m: MethodSpec, seed: int) -> Path:
+        if m.kind == "tikmix-d-dynamic":  # every stage's mixture (stages/stage-<s>/mixture/part-*.parquet)
+            return self.target_dir(m.name, seed) / "stages"
         if m.kind in PIPELINE_KINDS:
             return self.seed_dir(m.name, seed) / "run" / "mixture"
         return self.seed_dir(m.name, seed) / "mixture"
@@ -373,7 +421,7 @@ class Experiment:
                 rows = con.execute("SELECT source, sum(n_tokens) FROM read_parquet($c) GROUP BY source",
                                    {"c": corpus}).fetchall()
             else:
-                parts = literal_paths([str(p) for p in sorted(mixture.glob("part-*.parquet"))])
+                parts = literal_paths([str(p) for p in sorted(mixture.rglob("part-*.parquet"))])
                 rows = con.execute("""SELECT c.source, sum(c.n_tokens) FROM read_parquet($m) m
                                       JOIN read_parquet($c) c USING (id) GROUP BY c.source""",
                                    {"m": parts, "c": corpus}).fetchall()

@@ -18,7 +18,10 @@ from typing import Literal
 from automixer_ops.config import Config, TargetSection, _build, load_config, read_yaml_mapping, required, setting
 from automixer_ops.errors import ConfigError
 
-METHOD_KINDS = ("uniform", "uniform-source", "ppl", "dsir", "last-ckpt", "all-ckpt", "automixer", "scores")
+METHOD_KINDS = ("uniform", "uniform-source", "ppl", "dsir", "last-ckpt", "all-ckpt", "automixer", "scores",
+                "tikmix-d", "tikmix-m", "tikmix-d-dynamic")
+TIKMIX_KINDS = ("tikmix-d", "tikmix-m", "tikmix-d-dynamic")
+OVERRIDE_KINDS = ("automixer", "last-ckpt", "all-ckpt", "scores", *TIKMIX_KINDS)
 
 
 @dataclass(kw_only=True)
@@ -29,10 +32,12 @@ class MethodSpec:
         "source; ppl: a perplexity band under a reference model; dsir: hashed n-gram importance resampling "
         "towards the tasks' validation text; last-ckpt / all-ckpt: AutoMixer with only the last checkpoint / "
         "every checkpoint as sampler (the paper's Table 3); automixer: the pipeline; scores: your own scorer's "
-        "selection.json and scores/ (see README), regrouped and mixed like automixer.")
+        "selection.json and scores/ (see README), regrouped and mixed like automixer; tikmix-d / tikmix-m: a "
+        "static TiKMiX-D / -M mixture from Group Influence at the proxy's checkpoint; tikmix-d-dynamic: the target "
+        "itself trained in tikmix.stages stages, TiKMiX-D re-solved on its own checkpoints (docs/tikmix.md).")
     overrides: list[str] = setting(
-        [], "automixer, last-ckpt, all-ckpt, scores: --set overrides of the base run config for this method "
-        "(e.g. select.metric=gold_ll, regroup.keep_fraction=0.3).")
+        [], "automixer, last-ckpt, all-ckpt, scores and the tikmix kinds: --set overrides of the base run config "
+        "for this method (e.g. select.metric=gold_ll, regroup.keep_fraction=0.3, tikmix.d.tau=1).")
     band: Literal["low", "middle", "high"] = setting(
         "middle", "ppl: which band of documents by perplexity to keep (low: the lowest, high: the highest).")
     band_fraction: float = setting(0.5, "ppl: the fraction of the corpus' documents the band holds.")
@@ -56,9 +61,9 @@ class MethodSpec:
             raise ConfigError(f"{where}: ngrams and num_buckets must be >= 1, min_example_length >= 0")
         if (self.kind == "scores") != (self.scores is not None):
             raise ConfigError(f"{where}.scores: a directory is required for kind 'scores' and only for it")
-        if self.overrides and self.kind not in ("automixer", "last-ckpt", "all-ckpt", "scores"):
-            raise ConfigError(f"{where}.overrides: only automixer, last-ckpt, all-ckpt and scores run the "
-                              f"pipeline's steps; kind {self.kind!r} takes none")
+        if self.overrides and self.kind not in OVERRIDE_KINDS:
+            raise ConfigError(f"{where}.overrides: only {', '.join(OVERRIDE_KINDS)} read the run config's "
+                              f"settings; kind {self.kind!r} takes none")
 
 
 @dataclass(kw_only=True)

@@ -30,6 +30,7 @@ from typing import Callable, Protocol
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError
 from automixer_ops.mixture_io import BATCH_ROWS, write_parts_from_sql
+from automixer_ops.progress import duckdb_percent, heartbeat, watch_duckdb
 from automixer_ops.rundir import (RunDir, atomic_write_text, clean_stale_staging, fingerprint, publish,
                                   staged_directory)
 from automixer_ops.sqlrun import connect, literal_paths, read_provenance, stale_inputs
@@ -196,39 +197,46 @@ def mix(cfg: Config, log: Callable[[str], None] = print) -> Path:
     spill = run.path / ".duckdb_tmp"
     con = connect(db, cfg.regroup.memory_limit, spill)
     try:
-        provenance = _check_provenance(con, run)
-        groups = _load_groups(con, caps, cfg.mix.max_repeats, budget)
-        capacity = sum(g.capacity for g in groups if g.weight > 0)
-        if budget > capacity and cfg.mix.underfill == "error":
-            raise AutomixerError(capacity_error(groups, budget, cfg))
-        alloc = draw(groups, budget)
-        total = sum(g.used for g in groups)
-        underfilled = total < budget
-        mix_id = fingerprint({"regroup": provenance, "budget": budget, "max_repeats": cfg.mix.max_repeats,
-                              "caps": sorted(caps.items()), "seed": cfg.run.seed, "underfill": cfg.mix.underfill})
-        summary = {"mix_id": mix_id, "token_budget": budget, "tokens": total, "capacity": capacity,
-                   "underfilled": underfilled, "documents": sum(g.taken for g in groups),
-                   "seed": cfg.run.seed, "max_repeats": cfg.mix.max_repeats,
-                   "groups": {g.name: {"weight": g.weight, "allocated_tokens": alloc[g.name], "tokens": g.used,
-                                       "documents": g.taken, "capacity": g.capacity,
-                                       "max_repeat": (g.taken - 1) // g.order.docs if g.taken else 0,
-                                       "cap": g.cap, "share": g.used / total if total else 0.0}
-                              for g in groups}}
-        if underfilled:
-            summary["note"] = (f"underfilled: the groups give {total:,} of the {budget:,} tokens asked for "
-                               "(mix.underfill: allow)")
-        _record_mixture(con, groups, cfg.run.seed, summary)
-        with staged_directory(run.path) as stage:
-            out = stage / "mixture"
-            out.mkdir()
-            _write_parts(con, run, out, cfg.mix.docs_per_part)
-            atomic_write_text(out / "weights.json", json.dumps(summary, indent=2) + "\n")
-            # Megatron-LM --data-path style: "<weight> <prefix>" pairs, one prefix per group, as
-            # tools/preprocess_data.py --output-prefix <group> names its output.
-            blend = " ".join(f"{g.used / total:.6f} {g.name}_text_document" for g in groups if total and g.used)
-            atomic_write_text(out / "blend.txt", blend + "\n")
-            con.execute("COMMIT")  # the mixture tables, now that the parts are written
-            publish(out, run.mixture)
+        watch_duckdb(con)
+        # DuckDB's calls (the sort of the draw order, the parts' join with the corpus) are long and say nothing.
+        with heartbeat("mix", "checking the database", percent=duckdb_percent(con)) as beat:
+            provenance = _check_provenance(con, run)
+            beat.doing("sorting each group's draw order")
+            groups = _load_groups(con, caps, cfg.mix.max_repeats, budget)
+            capacity = sum(g.capacity for g in groups if g.weight > 0)
+            if budget > capacity and cfg.mix.underfill == "error":
+                raise AutomixerError(capacity_error(groups, budget, cfg))
+            beat.doing("drawing")
+            alloc = draw(groups, budget)
+            total = sum(g.used for g in groups)
+            underfilled = total < budget
+            mix_id = fingerprint({"regroup": provenance, "budget": budget, "max_repeats": cfg.mix.max_repeats,
+                                  "caps": sorted(caps.items()), "seed": cfg.run.seed, "underfill": cfg.mix.underfill})
+            summary = {"mix_id": mix_id, "token_budget": budget, "tokens": total, "capacity": capacity,
+                       "underfilled": underfilled, "documents": sum(g.taken for g in groups),
+                       "seed": cfg.run.seed, "max_repeats": cfg.mix.max_repeats,
+                       "groups": {g.name: {"weight": g.weight, "allocated_tokens": alloc[g.name], "tokens": g.used,
+                                           "documents": g.taken, "capacity": g.capacity,
+                                           "max_repeat": (g.taken - 1) // g.order.docs if g.taken else 0,
+                                           "cap": g.cap, "share": g.used / total if total else 0.0}
+                                  for g in groups}}
+            if underfilled:
+                summary["note"] = (f"underfilled: the groups give {total:,} of the {budget:,} tokens asked for "
+                                   "(mix.underfill: allow)")
+            beat.doing("recording the mixture table")
+            _record_mixture(con, groups, cfg.run.seed, summary)
+            with staged_directory(run.path) as stage:
+                out = stage / "mixture"
+                out.mkdir()
+                beat.doing("writing the mixture's parts")
+                _write_parts(con, run, out, cfg.mix.docs_per_part)
+                atomic_write_text(out / "weights.json", json.dumps(summary, indent=2) + "\n")
+                # Megatron-LM --data-path style: "<weight> <prefix>" pairs, one prefix per group, as
+                # tools/preprocess_data.py --output-prefix <group> names its output.
+                blend = " ".join(f"{g.used / total:.6f} {g.name}_text_document" for g in groups if total and g.used)
+                atomic_write_text(out / "blend.txt", blend + "\n")
+                con.execute("COMMIT")  # the mixture tables, now that the parts are written
+                publish(out, run.mixture)
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator
 from automixer_ops.config import Config
 from automixer_ops.corpus import Document, InputFile, ReadStats, read_documents, resolve_inputs
 from automixer_ops.errors import ConfigError, CorpusError
+from automixer_ops.progress import Progress, heartbeat
 from automixer_ops.rundir import (RUN_MARKER, STAGING_PREFIX, SUCCESS, RunDir, atomic_write_text, clean_stale_staging,
                                   fingerprint, is_run_directory, read_marker, publish, staged_directory,
                                   write_marker, write_run_marker)
@@ -74,11 +75,13 @@ def _build(cfg: Config, run: RunDir, inputs: list[InputFile], corpus_fp: str,
             origin = str(cfg.resolve(cfg.tokenizer.path).resolve())
         else:
             log(f"training a byte-level BPE tokenizer (vocab {cfg.tokenizer.vocab_size}) on the corpus")
-            tokenizer = train_bpe((d.text for d in read_documents(inputs, cfg.corpus)), cfg.tokenizer)
+            with heartbeat("prepare", "training the tokenizer"):
+                tokenizer = train_bpe((d.text for d in read_documents(inputs, cfg.corpus)), cfg.tokenizer)
             origin = f"trained: byte-level BPE, vocab {len(tokenizer)}"
         tokenizer.save_pretrained(str(stage / "tokenizer"))
         summary = _write_shards(cfg, inputs, tokenizer, stage / "corpus", stage / "id_index.parquet", log)
-        _check_unique_ids(stage / "id_index.parquet", inputs, stage)
+        with heartbeat("prepare", "checking that ids are unique (DuckDB)"):
+            _check_unique_ids(stage / "id_index.parquet", inputs, stage)
         summary.run_dir, summary.tokenizer, summary.fingerprint = str(run.path.resolve()), origin, corpus_fp
         write_marker(stage / "corpus", summary.__dict__ | {"reused": False})
         atomic_write_text(stage / "config.yaml", cfg.dump_yaml())
@@ -149,9 +152,13 @@ def _write_shards(cfg: Config, inputs: list[InputFile], tokenizer, out: Path, id
     shards: list[dict] = []
     writer, rows_in_shard, batches = None, 0, 0
     per_shard = cfg.corpus.docs_per_shard
-    with pq.ParquetWriter(id_index, index_schema) as index_writer:
+    # The number of documents is known only at the end: the lines count them and say which input is read.
+    with pq.ParquetWriter(id_index, index_schema) as index_writer, Progress("prepare", unit="doc") as progress:
+        log = progress.log_through(log)
         for batch in _batched(read_documents(inputs, cfg.corpus, stats), cfg.corpus.batch_docs):
             n_tokens = count_tokens(tokenizer, [d.text for d in batch])
+            progress.update(len(batch), tokens=sum(n_tokens))
+            progress.note(input=f"{batch[-1].file_index + 1}/{len(inputs)} {inputs[batch[-1].file_index].path.name}")
             index_writer.write_table(pa.table({"id": [d.id for d in batch],
                                                "file_index": [d.file_index for d in batch],
                                                "line": [d.line for d in batch]}, schema=index_schema))

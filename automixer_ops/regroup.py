@@ -23,6 +23,7 @@ from typing import Callable
 
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError
+from automixer_ops.progress import duckdb_percent, heartbeat, watch_duckdb
 from automixer_ops.rundir import RunDir, parquet_metadata
 from automixer_ops.samplers import Selection, read_selection, selection_fingerprint
 from automixer_ops.sqlrun import (build_database, check_files, literal_paths, query_file, record_provenance,
@@ -53,17 +54,30 @@ def regroup(cfg: Config, log: Callable[[str], None] = print) -> Path:
               "keep_k": keep_k, "keep_quantile": keep_q}
 
     def build(con) -> None:
+        watch_duckdb(con)
+        beat.percent = duckdb_percent(con)
+
+        def run_files(selected) -> None:  # one file at a time, so the heartbeat names the one running
+            for f in selected:
+                beat.doing(f.name)
+                run_sql_files(con, [f], params)
+
         files = sql_files(variants={cfg.regroup.joint})
-        run_sql_files(con, [f for f in files if f.name[:3] <= "02_"], params)  # samplers, score_stats
+        run_files([f for f in files if f.name[:3] <= "02_"])  # samplers, score_stats
+        beat.doing("checking the scores against the corpus")
         _require(con, check_files("01_"), params)  # the inputs, before any table is built from them
+        beat.doing("tau of each sampler (queries/kth_largest.sql)")
         params["kth_largest"] = [_kth_largest(con, run, step, params) for step in steps]
-        run_sql_files(con, [f for f in files if "02_" < f.name[:3] < "05_"], params)
+        run_files([f for f in files if "02_" < f.name[:3] < "05_"])
+        beat.doing("checking the score files' order (queries/corpus_position_checksum.sql)")
         joined["by"] = "position" if _aligned(con, run, steps, params) else "id"
         if joined["by"] == "position":  # the same table, without hashing ids (see positional_joint_units)
+            beat.doing("joint_units by position")
             con.execute(*positional_joint_units(cfg.regroup.joint, run, steps, con))
         else:
-            run_sql_files(con, [f for f in files if f.name[:3] == "05_"], params)
-        run_sql_files(con, [f for f in files if f.name[:3] > "05_"], params)
+            run_files([f for f in files if f.name[:3] == "05_"])
+        run_files([f for f in files if f.name[:3] > "05_"])
+        beat.doing("checking the tables")
         _check_thresholds(con, keep_k)
         _check_densities(con)
         _require(con, check_files("02_"), params)
@@ -71,9 +85,12 @@ def regroup(cfg: Config, log: Callable[[str], None] = print) -> Path:
                                 "scores": run.scores_fingerprint(steps), "keep_fraction": cfg.regroup.keep_fraction,
                                 "joint": cfg.regroup.joint, "documents": n_docs, "kept_per_sampler": keep_k,
                                 "joined_by": joined["by"]})
+        beat.percent = None  # the connection closes once the database is written
+        beat.doing(f"writing {run.db.name}")
 
     db = run.db
-    build_database(db, build, cfg.regroup.memory_limit)
+    with heartbeat("regroup", "opening the database") as beat:  # DuckDB's calls are long and say nothing
+        build_database(db, build, cfg.regroup.memory_limit)
     log(f"regrouped {len(selection.samplers)} sampler(s) of {n_docs:,} documents, keeping {keep_k:,} each "
         f"(keep_fraction {cfg.regroup.keep_fraction}, joint: {cfg.regroup.joint}; scores joined by {joined['by']}) "
         f"into {db}")

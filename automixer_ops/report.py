@@ -2,8 +2,11 @@
 
 Runs every file of sql/checks/ against `<run>/automixer.duckdb` (each returns one row:
 invariant, ok, detail), then writes `report/summary.md` (Table 1, the group weights, the
-mixture per group, the invariants) and `report/invariants.json`. A failed invariant is
-reported and makes the step fail, after the report is written so a person can read why.
+mixture per group, the invariants), `report/invariants.json`, and `report/index.html`: the
+run on one self-contained page with its plots (report_html; docs/report.md), the plots also as
+`report/*.png`. With an experiment directory (`--experiment`), the page shows its table and plot.
+A failed invariant is reported and makes the step fail, after every file is written so a person
+can read why.
 
 Before that, the run must be complete and consistent: a mixture drawn (`mix` ran after the
 last `regroup`), mixture/ and the database's mixture tables from the same run of `mix` (a
@@ -68,11 +71,16 @@ def mixture_info(cfg: Config) -> dict:
     return info
 
 
-def report(cfg: Config, log: Callable[[str], None] = print) -> tuple[Path, str]:
+def report(cfg: Config, log: Callable[[str], None] = print,
+           experiment: Path | None = None) -> tuple[Path, str]:
     import duckdb
+
+    from automixer_ops.report_data import read_experiment
+    from automixer_ops.report_html import write_html_report
 
     run = RunDir(cfg.run_dir)
     info = mixture_info(cfg)
+    exp = read_experiment(experiment) if experiment is not None else None  # a wrong directory fails before writing
     checks = check_invariants(cfg)
     with duckdb.connect(str(run.db), read_only=True) as con:
         per_group = con.execute("""SELECT m.group_name, count(*), count(DISTINCT m.id), sum(m.n_tokens)::BIGINT,
@@ -94,8 +102,9 @@ def report(cfg: Config, log: Callable[[str], None] = print) -> tuple[Path, str]:
     out = run.report
     atomic_write_text(out / "summary.md", text)
     atomic_write_text(out / "invariants.json", json.dumps(checks, indent=2) + "\n")
+    page = write_html_report(cfg, info, checks, selection, exp)
     failed = [c["invariant"] for c in checks if not c["ok"]]
     if failed:
         raise AutomixerError(f"{out / 'summary.md'}: invariant(s) failed: {'; '.join(failed)}")
-    log(f"report: {out / 'summary.md'}")
+    log(f"report: {out / 'summary.md'}, {page}")
     return out / "summary.md", text

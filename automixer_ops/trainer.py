@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from automixer_ops.checkpoints import TRAINER_STATE, list_checkpoints, pick_device
 from automixer_ops.config import ProxySection
 from automixer_ops.errors import AutomixerError, ConfigError
+from automixer_ops.progress import Progress
 from automixer_ops.rundir import (SUCCESS, RunDir, atomic_write_text, clean_stale_staging, fingerprint, publish,
                                   read_marker, staged_directory, write_marker)
 
@@ -85,6 +85,7 @@ class TrainJob:
     fingerprint: dict  # settings, seed and data; every checkpoint records it
     log_path: Path  # JSON lines: step, loss, lr, tokens_per_s
     retrain_hint: str  # what to tell a user whose checkpoints were trained otherwise
+    save_steps: frozenset[int] = frozenset()  # checkpoints besides every save_every and the last (stage boundaries)
 
 
 def settings_fingerprint(settings: ProxySection) -> dict:
@@ -123,7 +124,8 @@ def pack_documents(files: list[Path], out: Path, tokenizer, identity: dict, log:
         out.mkdir(parents=True, exist_ok=True)
         clean_stale_staging(out)
         (out / SUCCESS).unlink(missing_ok=True)  # the old marker never vouches for the new tokens.bin
-        with staged_directory(out) as stage:
+        n_docs = sum(pq.ParquetFile(shard).metadata.num_rows for shard in files)
+        with staged_directory(out) as stage, Progress(f"pack {out.name}/tokens.bin", n_docs, "doc") as progress:
             n = 0
             with open(stage / "tokens.bin", "wb") as f:
                 for shard in files:
@@ -133,6 +135,7 @@ def pack_documents(files: list[Path], out: Path, tokenizer, identity: dict, log:
                         ids = np.fromiter((t for e in enc for t in (*e.ids, tokenizer.eos_token_id)), dtype=dtype)
                         f.write(ids.tobytes())
                         n += len(ids)
+                        progress.update(batch.num_rows, tokens=len(ids))
                 f.flush()
                 os.fsync(f.fileno())
             write_marker(stage, {"n_tokens": n, **identity})
@@ -143,10 +146,12 @@ def pack_documents(files: list[Path], out: Path, tokenizer, identity: dict, log:
     return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 
-def train(job: TrainJob, log: Callable[[str], None] = print, stop_after: int | None = None) -> dict[int, Path]:
+def train(job: TrainJob, log: Callable[[str], None] = print, stop_after: int | None = None,
+          stop_at: int | None = None) -> dict[int, Path]:
     """Train (or resume) to settings.max_steps; returns the checkpoints by step.
 
-    `stop_after` ends the process's work after that many steps (for tests of resumption).
+    `stop_after` ends the process's work after that many steps (for tests of resumption); `stop_at` ends it at
+    that step (saved: it must be in save_steps), e.g. the end of a stage whose successor's data is not drawn yet.
     """
     import torch
     import transformers
@@ -160,6 +165,10 @@ def train(job: TrainJob, log: Callable[[str], None] = print, stop_after: int | N
     existing = checked_checkpoints(run, job.fingerprint, f"other settings or data; {job.retrain_hint}")
     if p.max_steps in existing:
         log(f"{job.name}: already trained to step {p.max_steps}; nothing to do")
+        return existing
+    if stop_at is not None and stop_at not in job.save_steps | {p.max_steps}:
+        raise ValueError(f"stop_at {stop_at}: not a step the trainer saves")  # a bug of the caller
+    if stop_at is not None and any(s >= stop_at for s in existing):
         return existing
 
     device = pick_device(p.device)
@@ -195,46 +204,46 @@ def train(job: TrainJob, log: Callable[[str], None] = print, stop_after: int | N
 
     _truncate_log(job.log_path, start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else _null()
-    bar = _progress(start, p.max_steps, job.name)
     tokens_per_step = p.batch_size * p.grad_accum * p.seq_len
     t_last, steps_since = time.perf_counter(), 0
     loss_sum = 0.0
-    for step in range(start + 1, p.max_steps + 1):
-        step_loss = 0.0
-        for micro in range(p.grad_accum):
-            x = data.batch((step - 1) * p.grad_accum + micro).to(device)
-            with autocast:
-                loss = model(input_ids=x, labels=x).loss / p.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-        if p.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(step_loss):
-            raise AutomixerError(f"{job.name}: training loss is {step_loss} at step {step}; lower the learning rate")
-        loss_sum += step_loss
-        steps_since += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}")
-        if step % p.log_every == 0 or step == p.max_steps:
-            now = time.perf_counter()
-            entry = {"step": step, "loss": loss_sum / steps_since, "lr": scheduler.get_last_lr()[0],
-                     "tokens_per_s": tokens_per_step * steps_since / (now - t_last)}
-            with open(job.log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            if bar is None:
-                log(f"step {step:>6}  loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "
-                    f"{entry['tokens_per_s']:,.0f} tok/s")
-            t_last, steps_since, loss_sum = now, 0, 0.0
-        if step % p.save_every == 0 or step == p.max_steps:
-            _save(run, step, model, tokenizer, optimizer, scheduler, job.fingerprint, step_loss)
-        if stop_after is not None and step - start >= stop_after:
-            break
-    if bar is not None:
-        bar.close()
+    with Progress(job.name, total=p.max_steps, unit="step", initial=start) as progress:
+        for step in range(start + 1, p.max_steps + 1):
+            step_loss = 0.0
+            for micro in range(p.grad_accum):
+                x = data.batch((step - 1) * p.grad_accum + micro).to(device)
+                with autocast:
+                    loss = model(input_ids=x, labels=x).loss / p.grad_accum
+                loss.backward()
+                step_loss += loss.item()
+            if p.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(step_loss):
+                raise AutomixerError(f"{job.name}: training loss is {step_loss} at step {step}; "
+                                     "lower the learning rate")
+            loss_sum += step_loss
+            steps_since += 1
+            progress.update(1, tokens=tokens_per_step)
+            progress.note(loss=step_loss)
+            if step % p.log_every == 0 or step == p.max_steps:
+                now = time.perf_counter()
+                entry = {"step": step, "loss": loss_sum / steps_since, "lr": scheduler.get_last_lr()[0],
+                         "tokens_per_s": tokens_per_step * steps_since / (now - t_last)}
+                with open(job.log_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                if progress.mode != "bars":  # a bar shows the same; a log keeps these lines
+                    log(f"step {step:>6}  loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "
+                        f"{entry['tokens_per_s']:,.0f} tok/s")
+                t_last, steps_since, loss_sum = now, 0, 0.0
+            if step % p.save_every == 0 or step == p.max_steps or step in job.save_steps:
+                progress.doing(f"saving step-{step}")
+                _save(run, step, model, tokenizer, optimizer, scheduler, job.fingerprint, step_loss)
+                progress.doing(None)
+            if (stop_after is not None and step - start >= stop_after) or step == stop_at:
+                break
     return list_checkpoints(run)
 
 
@@ -290,13 +299,6 @@ def _truncate_log(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by a crash
     atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-def _progress(start: int, total: int, name: str):
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(initial=start, total=total, unit="step", desc=name)
 
 
 class _null:

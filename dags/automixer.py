@@ -6,18 +6,16 @@ Turns a proxy training run's checkpoints into an influence-weighted pretraining 
 the tasks pass only paths and small strings, the data stays in the run directory.
 
 ```
-prepare -> train_proxy -> evaluate.find_checkpoints -> evaluate.checkpoint (mapped over checkpoints)
-        -> evaluate.combine -> select -> samplers
-        -> sampler_<i>.sampler -> sampler_<i>.fit + sampler_<i>.shards -> sampler_<i>.score (mapped)
-        -> regroup -> mix -> report
+check_params -> prepare -> train_proxy -> evaluate.find_checkpoints -> evaluate.checkpoint (mapped over checkpoints)
+        -> evaluate.combine -> select -> samplers.list -> samplers.fit (mapped over samplers)
+        -> samplers.score (mapped over every sampler's shard ranges) -> regroup -> mix -> report
 ```
 
-**Samplers.** There is one task group per *sampler slot*, fixed when the DAG is parsed
-(`AUTOMIXER_SAMPLER_SLOTS`, default 8: one per paper task, since k <= m). Slot *i* scores
-with the *i*-th sampler of `selection.json` (sorted by step); a slot beyond the number of
-samplers is skipped and `regroup` still runs (trigger rule: none failed, at least one success).
-Each slot fits DataInf once (`score --step N --fit-only`), then scores the corpus shards in
-ranges (`score --step N --shards A:B`): one map index per range, a few hundred at most.
+**Samplers.** The graph is sized to the run: `samplers.list` reads `selection.json`, `fit` has one
+map index per sampler (`score --step N --fit-only`: DataInf's lambda and r, once per sampler),
+and `score` one per (sampler, range of corpus shards) (`score --step N --shards A:B`), a few
+hundred per sampler at most; each map index is labelled with its step and shards. Every fit
+finishes before scoring starts (a score reads its sampler's fit).
 
 **Params** (the trigger form): `config` (absolute path of the run config YAML, visible to
 the workers and to pods / Slurm nodes); `tasks`, `proxy_preset`, `keep_fraction`,
@@ -28,7 +26,10 @@ plugins/automixer_launcher/backends.yaml documents it); `shards_per_task` batche
 Params are single-line text, `overrides` may set only the method's knobs (never a path:
 automixer_launcher/param_checks.py lists them) and `backend_settings` must be a file of
 $AUTOMIXER_BACKENDS_DIR; every task checks this again (a conf key outside the schema is not
-validated by Airflow).
+validated by Airflow). `check_params` loads the config with the params' overrides before anything
+runs and fails in seconds with one line naming the Param (`keep_fraction 2` is outside (0, 1]): the
+numeric fields carry no `minimum`/`maximum`, because the trigger form clamps a number to those
+silently (2 became 1); the rules live in the config, checked by every step and by `check_params`.
 
 **Pools.** `automixer_gpu` (GPU steps: train_proxy, evaluate, fit, score; slots = GPUs) and
 `automixer_duckdb` (one slot: regroup and mix write automixer.duckdb / mixture/). Create
@@ -50,7 +51,7 @@ import os
 import sys
 from pathlib import Path
 
-from airflow.sdk import Asset, Param, TaskGroup, TriggerRule, dag, task
+from airflow.sdk import Asset, Param, TaskGroup, dag, task
 
 HERE = Path(__file__).resolve().parent
 try:
@@ -64,11 +65,11 @@ from automixer_launcher.dag_params import backend_params, default_args  # noqa: 
 from automixer_launcher.param_checks import (  # noqa: E402
     ABSOLUTE_PATH_PATTERN, NAME_PATTERN, OVERRIDABLE, OVERRIDE_PATTERN)
 
-# One task group per possible sampler: the default config's 8 target tasks (k <= m).
-SAMPLER_SLOTS = int(os.environ.get("AUTOMIXER_SAMPLER_SLOTS", "8"))
 # Per sampler, at most this many scoring map indices (shards are batched into ranges).
 MAX_SCORE_TASKS = 200
 GPU_POOL = "automixer_gpu"
+# A mapped step's label in the UI: "step 100 shards 0:4" rather than a bare map index.
+ARGS_LABEL = "{{ task.step_args | join(' ') | replace('--', '') | replace('fit-only', 'fit') }}"
 DUCKDB_POOL = "automixer_duckdb"
 PROXY_PRESETS = ["tiny", "25m", "50m", "75m", "350m", "1.5b"]
 DEFAULT_CONFIG = os.environ.get("AUTOMIXER_CONFIG", str(HERE.parent / "configs" / "demo.yaml"))
@@ -80,23 +81,23 @@ PARAMS = {
     "config": Param(DEFAULT_CONFIG, type="string", pattern=ABSOLUTE_PATH_PATTERN, minLength=2, title="Run config",
                     description="Absolute path of the run config YAML (configs/demo.yaml is the embedded "
                                 "demo). Must be readable where the commands run."),
-    "tasks": Param(None, type=["null", "array"], maxItems=SAMPLER_SLOTS, uniqueItems=True,
+    "tasks": Param(None, type=["null", "array"], uniqueItems=True,
                    items={"type": "string", "pattern": NAME_PATTERN}, title="Target tasks",
-                   description=f"lm-eval task names (tasks.targets), at most {SAMPLER_SLOTS}; "
-                               "empty: the config's."),
+                   description="lm-eval task names (tasks.targets); empty: the config's."),
     "proxy_preset": Param(None, type=["null", "string"], enum=[None, *PROXY_PRESETS], title="Proxy preset",
                           values_display={None: "(the config's)"},
                           description="proxy.preset; empty: the config's."),
-    "keep_fraction": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1,
+    # No `minimum`/`maximum` on numbers: the form clamps to them silently; check_params refuses instead.
+    "keep_fraction": Param(None, type=["null", "number"], exclusiveMinimum=0,
                            title="Keep fraction", description="regroup.keep_fraction in (0, 1]; empty: the config's."),
-    "token_budget": Param(None, type=["null", "integer"], minimum=1, title="Token budget",
+    "token_budget": Param(None, type=["null", "integer"], exclusiveMinimum=0, title="Token budget",
                           description="mix.token_budget (tokens in the mixture); empty: the config's."),
     "overrides": Param([], type=["null", "array"], title="More overrides",
                        items={"type": "string", "pattern": OVERRIDE_PATTERN},
                        description="More config values as section.key=value (YAML value), for these keys only "
                                    f"(paths stay in the config file): {', '.join(OVERRIDABLE)}."),
     **backend_params(),
-    "shards_per_task": Param(None, type=["null", "integer"], minimum=1, title="Shards per scoring task",
+    "shards_per_task": Param(None, type=["null", "integer"], exclusiveMinimum=0, title="Shards per scoring task",
                              description=f"Corpus shards per score map index; empty: as few as keep each "
                                          f"sampler under {MAX_SCORE_TASKS} map indices."),
 }
@@ -106,7 +107,7 @@ DEFAULT_ARGS = default_args()
 
 def _run_config(params):
     """The run's Config as every command sees it (config file + the params' overrides)."""
-    from automixer_launcher.cli_argv import config_overrides
+    from automixer_launcher.cli_argv import OVERRIDE_PARAMS, config_overrides
     from automixer_ops.config import load_config
     from automixer_ops.errors import AutomixerError
 
@@ -115,7 +116,10 @@ def _run_config(params):
     try:
         return load_config(params["config"], config_overrides(params))
     except AutomixerError as e:
-        raise AirflowFailException(f"run config: {e}") from None
+        # Name the Param the user typed, not only the config key it overrides.
+        named = [f"Param {name!r}" for name, key in OVERRIDE_PARAMS.items()
+                 if params.get(name) not in (None, [], "") and key.rsplit(".", 1)[1] in str(e)]
+        raise AirflowFailException(f"{' / '.join(named) or 'run config'}: {e}") from None
 
 
 def _samplers(cfg):
@@ -129,6 +133,14 @@ def _samplers(cfg):
         return read_selection(RunDir(cfg.run_dir)).samplers
     except AutomixerError as e:
         raise AirflowFailException(str(e)) from None
+
+
+@task(task_id="check_params")
+def check_run_params(params=None) -> str:
+    """Fail in seconds, naming the Param, when the run's config with its overrides is invalid."""
+    cfg = _run_config(params)
+    print(f"run config {params['config']}: run directory {cfg.run_dir}")
+    return str(cfg.run_dir)
 
 
 @task(task_id="find_checkpoints")
@@ -145,37 +157,18 @@ def checkpoint_args(params=None) -> list[list[str]]:
     return [["--step", str(s)] for s in steps]
 
 
-@task(task_id="samplers")
-def check_samplers(params=None) -> int:
-    """How many samplers selection.json has; more than the DAG's slots is an error that says what to do."""
-    from airflow.sdk.exceptions import AirflowFailException
-
+@task(task_id="list")
+def fit_args(params=None) -> list[list[str]]:
+    """One `score --step N --fit-only` per sampler of selection.json."""
     samplers = _samplers(_run_config(params))
     for i, s in enumerate(samplers):
-        print(f"sampler_{i}: step {s.step}, alpha {s.alpha:.4f}, tasks {', '.join(s.tasks)}")
-    if len(samplers) > SAMPLER_SLOTS:
-        raise AirflowFailException(f"selection.json has {len(samplers)} samplers but the DAG has "
-                                   f"{SAMPLER_SLOTS} slots; set AUTOMIXER_SAMPLER_SLOTS={len(samplers)} "
-                                   "where the DAG is parsed")
-    return len(samplers)
-
-
-@task(task_id="sampler")
-def sampler_step(slot: int, params=None) -> str:
-    """This slot's sampler: its checkpoint step; skipped when selection.json has fewer samplers."""
-    from airflow.sdk.exceptions import AirflowSkipException
-
-    samplers = _samplers(_run_config(params))
-    if slot >= len(samplers):
-        raise AirflowSkipException(f"sampler slot {slot} is unused: selection.json has {len(samplers)} samplers")
-    s = samplers[slot]
-    print(f"sampler_{slot}: step {s.step}, alpha {s.alpha:.4f}, tasks {', '.join(s.tasks)}")
-    return str(s.step)
+        print(f"sampler {i}: step {s.step}, alpha {s.alpha:.4f}, tasks {', '.join(s.tasks)}")
+    return [["--step", str(s.step), "--fit-only"] for s in samplers]
 
 
 @task(task_id="shards")
-def shard_ranges(step: str, params=None) -> list[list[str]]:
-    """`score --step N --shards A:B` arguments: the corpus shards in ranges, a few hundred at most."""
+def shard_ranges(params=None) -> list[list[str]]:
+    """`score --step N --shards A:B` for every sampler: the corpus shards in ranges, a few hundred per sampler."""
     from automixer_ops.rundir import RunDir
 
     from airflow.sdk.exceptions import AirflowFailException
@@ -187,8 +180,10 @@ def shard_ranges(step: str, params=None) -> list[list[str]]:
         raise AirflowFailException(f"{run.corpus}: no part-*.parquet shards")
     per = params.get("shards_per_task") or max(1, math.ceil(n / MAX_SCORE_TASKS))
     ranges = [(a, min(a + per, n)) for a in range(0, n, per)]
-    print(f"step {step}: {n} shards in {len(ranges)} scoring tasks of at most {per}")
-    return [["--step", step, "--shards", f"{a}:{b}"] for a, b in ranges]
+    steps = [str(s.step) for s in _samplers(cfg)]
+    print(f"{len(steps)} samplers x {n} shards in {len(ranges)} ranges of at most {per}: "
+          f"{len(steps) * len(ranges)} scoring tasks")
+    return [["--step", step, "--shards", f"{a}:{b}"] for step in steps for a, b in ranges]
 
 
 def step(task_id: str, cli_step: str, doc: str, **kwargs) -> AutomixerStepOperator:
@@ -204,7 +199,7 @@ def automixer():
 
     with TaskGroup("evaluate", tooltip="lm-eval each checkpoint, then combine the benchmark table") as evaluate:
         per_checkpoint = AutomixerStepOperator.partial(
-            task_id="checkpoint", step="evaluate", gpu=True, pool=GPU_POOL,
+            task_id="checkpoint", step="evaluate", gpu=True, pool=GPU_POOL, map_index_template=ARGS_LABEL,
             doc_md="`automixer evaluate --step N`: one checkpoint on every target task (resumable).",
         ).expand(step_args=checkpoint_args())
         combine = step("combine", "evaluate", "`automixer evaluate`: the finished steps into "
@@ -212,29 +207,26 @@ def automixer():
         per_checkpoint >> combine
 
     select = step("select", "select", "Each task's best checkpoint, the samplers and alpha -> `selection.json`.")
-    samplers = check_samplers()
 
-    slots = []
-    for slot in range(SAMPLER_SLOTS):
-        with TaskGroup(f"sampler_{slot}", tooltip=f"the sampler at position {slot} of selection.json") as group:
-            sampler = sampler_step.override(doc_md=f"Sampler slot {slot}: its checkpoint step, or skip.")(slot)
-            fit = step("fit", "score", "`automixer score --step N --fit-only`: DataInf lambda and r.",
-                       step_args=["--step", sampler, "--fit-only"], gpu=True, pool=GPU_POOL)
-            score = AutomixerStepOperator.partial(
-                task_id="score", step="score", gpu=True, pool=GPU_POOL,
-                doc_md="`automixer score --step N --shards A:B`: utilities of a range of corpus shards.",
-            ).expand(step_args=shard_ranges(sampler))
-            fit >> score
-        slots.append(group)
+    # Sized to the run: one fit per sampler, one score per (sampler, shard range); the label shows which.
+    with TaskGroup("samplers", tooltip="DataInf fit and scoring of every sampler in selection.json") as samplers:
+        fit = AutomixerStepOperator.partial(
+            task_id="fit", step="score", gpu=True, pool=GPU_POOL, map_index_template=ARGS_LABEL,
+            doc_md="`automixer score --step N --fit-only`: DataInf lambda and r of one sampler.",
+        ).expand(step_args=fit_args())
+        score = AutomixerStepOperator.partial(
+            task_id="score", step="score", gpu=True, pool=GPU_POOL, map_index_template=ARGS_LABEL,
+            doc_md="`automixer score --step N --shards A:B`: utilities of a range of corpus shards.",
+        ).expand(step_args=shard_ranges())
+        fit >> score
 
     regroup = step("regroup", "regroup", "Thresholds, groups, joint scores and weights -> `automixer.duckdb`.",
-                   pool=DUCKDB_POOL, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
-                   outlets=[WEIGHTS], outlet_metadata=weights_metadata)
+                   pool=DUCKDB_POOL, outlets=[WEIGHTS], outlet_metadata=weights_metadata)
     mix = step("mix", "mix", "Draw the token-budgeted mixture -> `mixture/`.",
                pool=DUCKDB_POOL, outlets=[MIXTURE], outlet_metadata=mixture_metadata)
     report = step("report", "report", "Summary of the run -> `report/`.")
 
-    prepare >> train >> evaluate >> select >> samplers >> slots >> regroup >> mix >> report
+    check_run_params() >> prepare >> train >> evaluate >> select >> samplers >> regroup >> mix >> report
 
 
 automixer_dag = automixer()

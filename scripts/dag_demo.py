@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='DAG run params as JSON, e.g. \'{"token_budget": 200000}\' (the DAG\'s Params form); '
                         'shards_per_task defaults to 3 here')
     p.add_argument("--airflow-home", default=str(ROOT / ".airflow_demo"), help="Airflow home (SQLite DB, logs)")
+    p.add_argument("--dag", default="automixer", help="the DAG to run (automixer_tikmix: the dynamic TiKMiX run "
+                                                      "on the same config; its conf takes no shards_per_task)")
     return p.parse_args(argv)
 
 
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(airflow_env(home))
     # On one CPU the tasks run one after the other and each scoring task starts a process
     # (torch import, model load): 3 shards per task instead of 1 saves minutes on the demo.
-    conf = {"config": str(Path(args.config).resolve()), "shards_per_task": 3, **json.loads(args.conf)}
+    conf = {"config": str(Path(args.config).resolve()), **({"shards_per_task": 3} if args.dag == "automixer" else {}),
+            **json.loads(args.conf)}
 
     started = time.monotonic()
     import airflow
@@ -88,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         for path, err in bag.import_errors.items():
             print(f"DAG import error in {path}:\n{err}", file=sys.stderr)
         return 1
-    dag = bag.get_dag("automixer")
+    dag = bag.get_dag(args.dag)
+    if dag is None:
+        print(f"error: no DAG {args.dag!r} in {ROOT / 'dags'} (DAGs: {', '.join(sorted(bag.dag_ids))})", file=sys.stderr)
+        return 2
     print(f"== dag.test() with params {json.dumps(conf)}", flush=True)
     from airflow.sdk.exceptions import ParamValidationError
 
@@ -112,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     rd = RunDir(load_config(conf["config"], _overrides(conf)).run_dir)
     print(f"\n== DAG run {run.run_id}: {run.state} in {time.monotonic() - started:.0f} s")
     print(f"run directory: {rd.path}")
+    if args.dag != "automixer":
+        print(f"Airflow home:  {home}  (task logs under logs/)")
+        return 0 if str(run.state) in ("success", "DagRunState.SUCCESS") else 1
     print(f"weights:       {rd.mixture / 'weights.json'}")
     print(f"DuckDB:        {rd.db}  (tables: weights, groups, joint_scores, ...)")
     print(f"mixture:       {rd.mixture}/part-*.parquet")

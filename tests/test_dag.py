@@ -1,5 +1,5 @@
 """The Airflow DAG: it parses fast and cleanly, has the shape DESIGN §4 describes, validates
-its Params, plans sampler slots and shard ranges correctly, and (marked e2e) runs end to
+its Params, sizes the samplers' fit and scoring to the run, and (marked e2e) runs end to
 end on a small run with outputs that hold the invariants of DESIGN §3."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 from airflow.sdk import TriggerRule  # noqa: E402
 from airflow.sdk.definitions.mappedoperator import MappedOperator  # noqa: E402
-from airflow.sdk.exceptions import AirflowSkipException, ParamValidationError  # noqa: E402
+from airflow.sdk.exceptions import ParamValidationError  # noqa: E402
 
 HEAVY = ("torch", "transformers", "pandas", "duckdb", "pyarrow", "automixer_ops", "kubernetes", "paramiko")
 
@@ -41,7 +41,7 @@ def dag(dagmod):
 
 
 def test_dag_file_parses_in_under_two_seconds_without_heavy_imports():
-    """Both DAG files (automixer, automixer_experiment), as the DAG processor parses the folder."""
+    """Every DAG file of dags/, as the DAG processor parses the folder."""
     # A fresh interpreter, as the DAG processor has: Airflow itself already imported, then the file
     # parsed by a DagBag (what `airflow dags list-import-errors` and the processor do).
     code = textwrap.dedent(f"""
@@ -60,47 +60,54 @@ def test_dag_file_parses_in_under_two_seconds_without_heavy_imports():
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["errors"] == {}
-    assert out["dags"] == ["automixer", "automixer_experiment"]
+    assert out["dags"] == ["automixer", "automixer_experiment", "automixer_tikmix", "automixer_tikmix_online"]
     assert out["heavy"] == [], f"imported at parse time: {out['heavy']}"
     assert out["seconds"] < 2.0, f"DAG file took {out['seconds']:.2f} s to parse"
 
 
-def test_one_task_group_per_sampler_slot_with_mapped_scoring(dag, dagmod):
-    from automixer_ops.config import TasksSection
-
-    assert dagmod.SAMPLER_SLOTS == len(TasksSection().targets) == 8
+def test_samplers_are_sized_to_the_run_with_one_fit_per_sampler_and_flat_mapped_scoring(dag, dagmod):
     groups = dag.task_group.children
-    slots = sorted(g for g in groups if g.startswith("sampler_"))
-    assert slots == [f"sampler_{i}" for i in range(8)]
-    for g in slots:
-        assert sorted(groups[g].children) == [f"{g}.{t}" for t in ("fit", "sampler", "score", "shards")]
-        score, fit = dag.get_task(f"{g}.score"), dag.get_task(f"{g}.fit")
-        assert isinstance(score, MappedOperator)
-        assert score.partial_kwargs["step"] == "score" and score.pool == dagmod.GPU_POOL
-        assert fit.step == "score" and fit.pool == dagmod.GPU_POOL
-        assert f"{g}.fit" in score.upstream_task_ids and f"{g}.shards" in score.upstream_task_ids
-        assert "regroup" in score.downstream_task_ids
-    assert isinstance(dag.get_task("evaluate.checkpoint"), MappedOperator)
+    assert not [g for g in groups if g.startswith("sampler_")]  # no fixed slots left to skip
+    assert sorted(groups["samplers"].children) == [f"samplers.{t}" for t in ("fit", "list", "score", "shards")]
+    fit, score = dag.get_task("samplers.fit"), dag.get_task("samplers.score")
+    for mapped in (fit, score, dag.get_task("evaluate.checkpoint")):
+        assert isinstance(mapped, MappedOperator) and mapped.pool == dagmod.GPU_POOL
+        assert mapped.partial_kwargs["map_index_template"] == dagmod.ARGS_LABEL
+    assert fit.partial_kwargs["step"] == score.partial_kwargs["step"] == "score"
+    assert fit.upstream_task_ids == {"samplers.list"}
+    assert score.upstream_task_ids == {"samplers.fit", "samplers.shards"}  # every fit before any score
+    assert score.downstream_task_ids == {"regroup"}
 
 
-def test_wiring_pools_retries_trigger_rules_and_assets(dag, dagmod):
-    order = ["prepare", "train_proxy", "evaluate.find_checkpoints", "evaluate.checkpoint", "evaluate.combine",
-             "select", "samplers"]
+def test_wiring_pools_retries_and_assets(dag, dagmod):
+    order = ["check_params", "prepare", "train_proxy", "evaluate.find_checkpoints", "evaluate.checkpoint",
+             "evaluate.combine", "select", "samplers.list", "samplers.fit", "samplers.score", "regroup"]
     for up, down in zip(order, order[1:], strict=False):
         assert up in dag.get_task(down).upstream_task_ids
+    assert dag.get_task("check_params").upstream_task_ids == set()
     assert dag.get_task("mix").upstream_task_ids == {"regroup"}
     assert dag.get_task("report").upstream_task_ids == {"mix"}
     regroup = dag.get_task("regroup")
-    assert regroup.trigger_rule == TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS  # runs when unused slots skip
+    assert regroup.trigger_rule == TriggerRule.ALL_SUCCESS
     assert regroup.pool == dag.get_task("mix").pool == dagmod.DUCKDB_POOL
-    for t in ("train_proxy", "evaluate.checkpoint", "sampler_3.fit", "sampler_3.score"):
-        assert dag.get_task(t).pool == dagmod.GPU_POOL
+    assert dag.get_task("train_proxy").pool == dagmod.GPU_POOL
     assert [a.name for a in regroup.outlets] == ["automixer_weights"]
     assert [a.name for a in dag.get_task("mix").outlets] == ["automixer_mixture"]
     assert dag.get_task("prepare").retries >= 1 and dag.get_task("prepare").retry_exponential_backoff
     assert dag.doc_md and "sampler" in dag.doc_md and all(
-        dag.get_task(t).doc_md for t in ("prepare", "regroup", "sampler_0.fit", "sampler_0.sampler"))
+        dag.get_task(t).doc_md for t in ("prepare", "regroup", "samplers.fit", "samplers.list", "check_params"))
     assert dag.max_active_runs == 1  # runs share a run directory
+
+
+def test_map_index_labels_say_which_step_and_shards(dagmod):
+    from jinja2 import Environment
+
+    label = Environment().from_string(dagmod.ARGS_LABEL)
+    task = type("T", (), {})
+    for args, want in [(["--step", "100", "--shards", "0:4"], "step 100 shards 0:4"),
+                       (["--step", "50", "--fit-only"], "step 50 fit"), (["--step", "300"], "step 300")]:
+        task.step_args = args
+        assert label.render(task=task) == want
 
 
 def test_dag_serializes_for_the_scheduler(dag):
@@ -112,10 +119,10 @@ def test_dag_serializes_for_the_scheduler(dag):
 
 
 @pytest.mark.parametrize("name,value", [
-    ("keep_fraction", 0), ("keep_fraction", 1.5), ("keep_fraction", "half"),
-    ("token_budget", 0), ("token_budget", 2.5),
+    ("keep_fraction", 0), ("keep_fraction", -0.5), ("keep_fraction", "half"),
+    ("token_budget", 0), ("token_budget", -3), ("token_budget", 2.5),
     ("backend", "aws"), ("proxy_preset", "huge"),
-    ("tasks", ["arc_easy", "arc_easy"]), ("tasks", [f"t{i}" for i in range(9)]), ("tasks", ["bad name"]),
+    ("tasks", ["arc_easy", "arc_easy"]), ("tasks", ["bad name"]),
     ("config", "configs/demo.yaml"),  # relative: a worker's working directory is not yours
     ("overrides", ["not an override"]),
     ("shards_per_task", 0),
@@ -151,22 +158,49 @@ def _fake_run(tmp_path: Path, n_shards: int, sampler_steps: list[int]) -> dict:
     return {"config": str(cfg), "shards_per_task": None, "overrides": []}
 
 
-def test_sampler_slots_beyond_the_selection_are_skipped(dagmod, tmp_path):
+def test_numbers_carry_no_bound_the_trigger_form_would_clamp_to(dag):
+    # Airflow's form clamps a number field to `minimum`/`maximum` without a word (keep_fraction 2 became 1);
+    # exclusiveMinimum it does not read, and the upper bound is check_params' (and every step's) to refuse.
+    for name in ("keep_fraction", "token_budget", "shards_per_task"):
+        schema = dag.params.get_param(name).schema
+        assert "minimum" not in schema and "maximum" not in schema, name
+
+
+@pytest.mark.parametrize("conf,named", [
+    ({"keep_fraction": 2}, "Param 'keep_fraction': "), ({"keep_fraction": 1.5}, "Param 'keep_fraction': "),
+    ({"token_budget": 10**30}, "Param 'token_budget': "),
+    ({"token_budget": 0}, "Param 'token_budget': "),  # the form no longer clamps it to 1
+    ({"overrides": ["mix.max_repeats=-1"]}, "run config: "),
+])
+def test_check_params_fails_in_one_line_naming_the_param(dagmod, tmp_path, conf, named):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    params = {**_fake_run(tmp_path, n_shards=1, sampler_steps=[50]), **conf}
+    with pytest.raises(AirflowFailException) as e:
+        dagmod.check_run_params.function(params=params)
+    assert str(e.value).startswith(named) and "\n" not in str(e.value)
+
+
+def test_check_params_passes_a_good_run_and_says_where_it_writes(dagmod, tmp_path, capsys):
+    params = {**_fake_run(tmp_path, n_shards=1, sampler_steps=[50]), "keep_fraction": 1, "token_budget": 5}
+    assert dagmod.check_run_params.function(params=params) == str(tmp_path / "runs" / "r")
+
+
+def test_fit_and_score_map_over_every_sampler_of_the_selection(dagmod, tmp_path):
     params = _fake_run(tmp_path, n_shards=2, sampler_steps=[50, 300])
-    fn = dagmod.sampler_step.function
-    assert [fn(0, params=params), fn(1, params=params)] == ["50", "300"]
-    with pytest.raises(AirflowSkipException, match="slot 2 is unused: selection.json has 2 samplers"):
-        fn(2, params=params)
+    assert dagmod.fit_args.function(params=params) == [["--step", "50", "--fit-only"], ["--step", "300", "--fit-only"]]
+    assert dagmod.shard_ranges.function(params={**params, "shards_per_task": 1}) == [
+        ["--step", s, "--shards", r] for s in ("50", "300") for r in ("0:1", "1:2")]
 
 
 def test_shard_ranges_batch_shards_so_the_map_stays_in_the_hundreds(dagmod, tmp_path):
     params = _fake_run(tmp_path, n_shards=7, sampler_steps=[50])
     fn = dagmod.shard_ranges.function
-    assert fn("50", params={**params, "shards_per_task": 3}) == [
+    assert fn(params={**params, "shards_per_task": 3}) == [
         ["--step", "50", "--shards", "0:3"], ["--step", "50", "--shards", "3:6"], ["--step", "50", "--shards", "6:7"]]
-    assert len(fn("50", params=params)) == 7  # auto: one shard per task while under the cap
+    assert len(fn(params=params)) == 7  # auto: one shard per task while under the cap
     many = _fake_run(tmp_path / "many", n_shards=1001, sampler_steps=[50])
-    ranges = fn("50", params=many)
+    ranges = fn(params=many)
     assert len(ranges) <= dagmod.MAX_SCORE_TASKS
     covered = [i for r in ranges for i in range(*map(int, r[3].split(":")))]
     assert covered == list(range(1001))  # every shard exactly once
@@ -178,7 +212,8 @@ def test_airflow_plugin_loader_leaves_the_launcher_package_alone():
     from airflow._shared.module_loading import find_path_from_directory
 
     found = find_path_from_directory(str(ROOT / "plugins"), ".airflowignore", "glob")
-    assert [f for f in found if f.endswith(".py")] == []
+    # Only the UI plugin's one module (plugins/automixer_ui_plugin.py); its package and the launcher are ignored.
+    assert [f for f in found if f.endswith(".py")] == [str(ROOT / "plugins" / "automixer_ui_plugin.py")]
 
 
 def test_proxy_presets_match_the_config(dagmod):
@@ -221,17 +256,17 @@ def test_dag_runs_end_to_end_on_a_small_run(tmp_path, small_corpus):
     run_dir = tmp_path / "runs" / "dag"
     assert f"run directory: {run_dir}" in p.stdout
 
-    # Airflow's view: every task succeeded, unused sampler slots skipped, assets carry metadata.
+    # Airflow's view: every task succeeded (none skipped: the graph is sized to the run), the mapped
+    # tasks are labelled, assets carry metadata.
     with sqlite3.connect(home / "airflow.db") as db:
-        states = db.execute("SELECT task_id, map_index, state FROM task_instance").fetchall()
+        states = db.execute("SELECT task_id, map_index, state, rendered_map_index FROM task_instance").fetchall()
         events = dict(db.execute("SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id"))
     samplers = json.loads((run_dir / "selection.json").read_text())["samplers"]
     k = len(samplers)
-    for task_id, map_index, state in states:
-        slot = int(task_id.split(".")[0][8:]) if task_id.startswith("sampler_") else None
-        expected = "skipped" if slot is not None and slot >= k else "success"
-        assert state == expected, (task_id, map_index, state)
-    assert sum(1 for t, _, s in states if t.endswith(".score") and s == "success") == 2 * k
+    assert all(state == "success" for _, _, state, _ in states), states
+    labels = {t: sorted(label for task, _, _, label in states if task == t) for t in ("samplers.fit", "samplers.score")}
+    assert labels["samplers.fit"] == sorted(f"step {s['step']} fit" for s in samplers)
+    assert labels["samplers.score"] == sorted(f"step {s['step']} shards {r}" for s in samplers for r in ("0:4", "4:6"))
     weights_event, mixture_event = json.loads(events["automixer_weights"]), json.loads(events["automixer_mixture"])
     assert abs(sum(weights_event["weights"].values()) - 1) < 1e-6 and weights_event["rows"] == k
     assert mixture_event["token_budget"] == budget

@@ -99,7 +99,7 @@ def test_table_needs_every_unit(smoke, tmp_path, small_corpus, capsys):
     ({"methods": [{"name": "a", "kind": "uniform"}, {"name": "a", "kind": "ppl"}]}, "distinct names"),
     ({"methods": [{"name": "a", "kind": "magic"}]}, "methods[0].kind: str 'magic' is not allowed"),
     ({"methods": [{"name": "uniform", "kind": "uniform", "overrides": ["select.metric=gold_ll"]}]},
-     "overrides: only automixer, last-ckpt, all-ckpt and scores"),
+     "overrides: only automixer, last-ckpt, all-ckpt, scores, tikmix-d, tikmix-m, tikmix-d-dynamic read"),
     ({"seeds": []}, "seeds: give distinct seeds"),
     ({"token_budget": 0}, "token_budget: must be >= 1"),
     ({"target": {"checkpoints": 0}}, "target.checkpoints: must be >= 1"),

@@ -224,8 +224,9 @@ def test_dag_tasks_that_read_the_config_refuse_path_overrides_too(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     params = {"config": DEMO, "shards_per_task": None, "overrides": [f"run.root={tmp_path}"]}
-    with pytest.raises(AirflowFailException, match="'run.root' cannot be set"):
-        mod.shard_ranges.function("50", params=params)
+    for task in (mod.check_run_params, mod.fit_args, mod.shard_ranges, mod.checkpoint_args):
+        with pytest.raises(AirflowFailException, match="'run.root' cannot be set"):
+            task.function(params=params)
 
 
 # ---------------------------------------------------------------- the form's schema says the same

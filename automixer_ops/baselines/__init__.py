@@ -32,6 +32,7 @@ from automixer_ops.baselines.common import (CorpusIndex, already_drawn, draw_gro
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError, ConfigError
 from automixer_ops.experiment_config import MethodSpec
+from automixer_ops.progress import heartbeat
 from automixer_ops.rundir import RunDir, file_hash, files_identity, fingerprint
 
 KINDS = ("uniform", "uniform-source", "ppl", "dsir")
@@ -72,7 +73,9 @@ def baseline_mixture(method: MethodSpec, cfg: Config, out: Path, token_budget: i
                **summarize(index, idx, rep, token_budget), "corpus_documents": len(index),
                "corpus_tokens": int(index.n_tokens.sum()), "corpus_fingerprint": inputs["corpus"], "order": ORDER,
                **facts}
-    summary = write_mixture(index, idx, rep, rng, out, summary, cfg.mix.docs_per_part, cfg.regroup.memory_limit)
+    with heartbeat(f"{method.name} (seed {seed})", "writing the mixture's parts (DuckDB)"):
+        summary = write_mixture(index, idx, rep, rng, out, summary, cfg.mix.docs_per_part,
+                                cfg.regroup.memory_limit)
     log(f"{method.name} (seed {seed}): {summary['documents']:,} documents, {summary['tokens']:,} tokens "
         f"(budget {token_budget:,}; {summary['passes']} pass(es)) -> {out}")
     return out

@@ -23,6 +23,7 @@ import numpy as np
 
 from automixer_ops.baselines.common import CorpusIndex, _first_line
 from automixer_ops.errors import AutomixerError
+from automixer_ops.progress import heartbeat
 
 
 def package_version() -> str:
@@ -58,8 +59,11 @@ def importance_weights(index: CorpusIndex, targets: list[str], ngrams: int, num_
         with ExitStack() as stack:  # the package's progress bars would garble the step's log
             for module in (ds_base, ds_ngram):
                 stack.enter_context(mock.patch.object(module, "tqdm", _quiet))
+            beat = stack.enter_context(heartbeat("dsir", f"fitting the n-gram models on {len(index):,} documents"))
             dsir.fit_importance_estimator(num_tokens_to_fit="all")
-            log(f"dsir: fitted {num_buckets:,}-bucket {ngrams}-gram models on {len(targets):,} target examples")
+            beat.log_through(log)(f"dsir: fitted {num_buckets:,}-bucket {ngrams}-gram models on {len(targets):,} "
+                                  "target examples")
+            beat.doing("computing the importance weights")
             dsir.compute_importance_weights()
         # num_proc=1: one virtual shard per corpus shard, saved as <overall_idx>.npy in the shards' order
         logw = np.concatenate([np.load(dsir.log_importance_weights_dir / f"{i}.npy").reshape(-1)

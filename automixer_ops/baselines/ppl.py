@@ -18,6 +18,7 @@ import numpy as np
 from automixer_ops.baselines.common import CorpusIndex, _first_line
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError, ConfigError
+from automixer_ops.progress import Progress, quiet_library_bars
 from automixer_ops.rundir import RunDir
 
 SEQUENCE = "[EOS] + the document's first max_seq_len - 1 tokens; nll: mean next-token NLL of the document tokens"
@@ -36,6 +37,7 @@ def perplexities(run: RunDir, cfg: Config, ckpt: Path, index: CorpusIndex,
     inf = cfg.influence
     device = pick_device(inf.device)
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_tokenizer_dir(run, ckpt)))
+    quiet_library_bars()  # transformers' "Loading weights" bar, one line of carriage returns in a log
     model = load_causal_lm(ckpt, torch.float32)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and inf.max_seq_len > limit:
@@ -50,27 +52,31 @@ def perplexities(run: RunDir, cfg: Config, ckpt: Path, index: CorpusIndex,
 
     nll = np.full(len(index), np.nan, dtype=np.float64)
     row0 = 0
-    for shard in index.shards:
-        try:
-            table = pq.read_table(shard, columns=["id", "text"])
-        except Exception as e:
-            raise AutomixerError(f"{shard}: not a readable corpus shard ({_first_line(e)})") from None
-        texts = table.column("text").to_pylist()
-        enc = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        seqs = [[eos] + e.ids[:keep] for e in enc]
-        scored = [i for i, s in enumerate(seqs) if len(s) >= 2]
-        with torch.no_grad():
-            for batch_idx in length_batches([len(seqs[i]) for i in scored], inf.batch_tokens):
-                rows = [scored[j] for j in batch_idx]
-                batch = make_batch([seqs[r] for r in rows], [1] * len(rows), pad).to(device)
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-                ce = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
-                # loss_weight[b, t] = 1/n weights the prediction of token t+1 at position t: the mean
-                doc_nll = (ce * batch.loss_weight[:, :-1]).sum(dim=1).double().cpu().numpy()
-                nll[row0 + np.asarray(rows)] = doc_nll
-        row0 += len(texts)
-        log(f"ppl: {row0:,}/{len(index):,} documents scored")
+    with Progress(f"ppl ({ckpt.name})", len(index), "doc") as progress:
+        log = progress.log_through(log)
+        for shard in index.shards:
+            try:
+                table = pq.read_table(shard, columns=["id", "text"])
+            except Exception as e:
+                raise AutomixerError(f"{shard}: not a readable corpus shard ({_first_line(e)})") from None
+            texts = table.column("text").to_pylist()
+            enc = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+            seqs = [[eos] + e.ids[:keep] for e in enc]
+            scored = [i for i, s in enumerate(seqs) if len(s) >= 2]
+            with torch.no_grad():
+                for batch_idx in length_batches([len(seqs[i]) for i in scored], inf.batch_tokens):
+                    rows = [scored[j] for j in batch_idx]
+                    batch = make_batch([seqs[r] for r in rows], [1] * len(rows), pad).to(device)
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+                    ce = torch.nn.functional.cross_entropy(
+                        logits[:, :-1].transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
+                    # loss_weight[b, t] = 1/n weights the prediction of token t+1 at position t: the mean
+                    doc_nll = (ce * batch.loss_weight[:, :-1]).sum(dim=1).double().cpu().numpy()
+                    nll[row0 + np.asarray(rows)] = doc_nll
+                    progress.update(len(rows), tokens=sum(len(seqs[r]) - 1 for r in rows))
+            row0 += len(texts)
+            progress.update(len(texts) - len(scored))  # documents of no tokens: nothing to score
+            log(f"ppl: {row0:,}/{len(index):,} documents scored")
     if row0 != len(index):
         raise AutomixerError(f"{run.corpus}: the shards changed while they were read; rerun")
     return nll

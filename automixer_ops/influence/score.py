@@ -38,6 +38,7 @@ import numpy as np
 
 from automixer_ops.config import Config
 from automixer_ops.errors import AutomixerError, ConfigError
+from automixer_ops.progress import Progress, heartbeat, quiet_library_bars
 from automixer_ops.rundir import (RunDir, atomic_write, atomic_write_text, file_hash, file_lock, fingerprint,
                                   read_marker, parquet_metadata)
 from automixer_ops.samplers import read_selection
@@ -99,6 +100,7 @@ class Scorer:
         self.out = self.run.sampler_scores(step)
         self.device = pick_device(self.inf.device)
         self.autocast = torch.bfloat16 if self.inf.precision == "bf16" else None
+        quiet_library_bars()  # transformers' "Loading weights" bar, one line of carriage returns in a log
         self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_tokenizer_dir(self.run, self.checkpoint)))
         model = load_causal_lm(self.checkpoint, torch.float32)
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -189,6 +191,19 @@ class Scorer:
             self._fit_rows = {(int(s), int(p - starts[s])) for s, p in zip(shard, pick)}
         return self._fit_rows
 
+    def n_docs(self, indices, fit_only: bool = False) -> int:
+        """Documents read_shard(i, fit_only) gives for the shards `indices`, from the Parquet footers (for
+        progress totals); 0 when that cannot be told (a damaged shard: read_shard names it in its turn)."""
+        import pyarrow.parquet as pq
+
+        try:
+            if fit_only and self.inf.fit_samples is not None:
+                wanted = set(indices)
+                return sum(1 for shard, _ in self.fit_rows() if shard in wanted)
+            return sum(pq.ParquetFile(self.shards[i]).metadata.num_rows for i in indices)
+        except Exception:  # pyarrow raises several types for a damaged file
+            return 0
+
     def batches(self, docs: list[Doc]) -> Iterator[tuple[list[int], object]]:
         from automixer_ops.influence.batching import length_batches, make_batch
 
@@ -225,7 +240,8 @@ class Scorer:
         atomic_write_text(work / "fingerprint", work_id)
 
         t0 = time.perf_counter()
-        v = weighted_gradient_sum(self.model, val_batches, autocast_dtype=self.autocast)
+        with heartbeat(f"fit step {self.sampler.step}", f"validation gradient ({len(val_batches)} batches)"):
+            v = weighted_gradient_sum(self.model, val_batches, autocast_dtype=self.autocast)
         v = {k: t.float() for k, t in v.items()}
         _check_finite(v, "the validation gradient", self.sampler.step)
         self.log(f"step {self.sampler.step}: validation gradient of {', '.join(self.sampler.tasks)} "
@@ -238,9 +254,14 @@ class Scorer:
         ckpt = _ShardCheckpoint(work / "pass1.pt", len(self.shards), self.device)
         if ckpt.state is not None:
             series.load_state_dict(ckpt.state["series"])
-        for i in range(ckpt.first, len(self.shards)):
-            self._pass1_shard(i, v, series, ws, work / f"stats-{i:05d}.parquet")
-            ckpt.done(i, {"series": series.state_dict()})
+        todo = range(ckpt.first, len(self.shards))
+        with Progress(f"fit step {self.sampler.step}: pass 1", self.n_docs(todo, fit_only=True),
+                      "doc") as progress:
+            for i in todo:
+                self._pass1_shard(i, v, series, ws, work / f"stats-{i:05d}.parquet", progress)
+                progress.doing(f"checkpointing after shard {i + 1}")
+                ckpt.done(i, {"series": series.state_dict()})
+                progress.doing(None)
         n = series.n
         if n == 0:
             raise AutomixerError("the fit set is empty")
@@ -251,21 +272,26 @@ class Scorer:
         # Pass 2: only the documents with a remainder; the fp64 sum checkpointed every minute.
         ckpt = _ShardCheckpoint(work / "pass2.pt", len(self.shards), self.device)
         c_sum, reread = (ckpt.state["c_sum"], ckpt.state["reread"]) if ckpt.state else (series.combine(lam), 0)
-        for i in range(ckpt.first, len(self.shards)):
-            s = _read_stats(work / f"stats-{i:05d}.parquet")
-            rem = {k: t.numpy() for k, t in series.remainders(_stats_obj(s, names), lam).items()}
-            need = np.flatnonzero(np.any([rem[k] != 0 for k in names], axis=0))
-            if len(need):
-                docs = self.read_shard(i, fit_only=True)
-                if [d.id for d in docs] != s["id"].tolist():
-                    raise AutomixerError(f"{self.shards[i]}: changed since pass 1 of the fit; rerun with --force")
-                docs = [docs[j] for j in need]
-                for idx, batch in self.batches(docs):
-                    bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast, workspace=ws)
-                    for k in names:
-                        bg.accumulate(torch.from_numpy(rem[k][need[idx]]), {k: c_sum[k]})
-                reread += len(need)
-            ckpt.done(i, {"c_sum": c_sum, "reread": reread})
+        todo = range(ckpt.first, len(self.shards))
+        with Progress(f"fit step {self.sampler.step}: pass 2", len(todo), "shard") as progress:
+            for i in todo:
+                s = _read_stats(work / f"stats-{i:05d}.parquet")
+                rem = {k: t.numpy() for k, t in series.remainders(_stats_obj(s, names), lam).items()}
+                need = np.flatnonzero(np.any([rem[k] != 0 for k in names], axis=0))
+                if len(need):
+                    progress.doing(f"rereading {len(need):,} documents of shard {i + 1}")
+                    docs = self.read_shard(i, fit_only=True)
+                    if [d.id for d in docs] != s["id"].tolist():
+                        raise AutomixerError(f"{self.shards[i]}: changed since pass 1 of the fit; rerun with --force")
+                    docs = [docs[j] for j in need]
+                    for idx, batch in self.batches(docs):
+                        bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast, workspace=ws)
+                        for k in names:
+                            bg.accumulate(torch.from_numpy(rem[k][need[idx]]), {k: c_sum[k]})
+                    reread += len(need)
+                    progress.doing(None)
+                ckpt.done(i, {"c_sum": c_sum, "reread": reread})
+                progress.update(1)
         self.log(f"step {self.sampler.step}: pass 2 reread {reread:,} of {n:,} fit documents")
         fit = finish(v, c_sum, n, lam, series.sum_sq, reread)
         _check_finite(fit.r, "r (the fit)", self.sampler.step)
@@ -273,7 +299,7 @@ class Scorer:
         self.log(f"step {self.sampler.step}: fit done in {time.perf_counter() - t0:.1f} s -> {self.out / FIT_JSON}")
         return fit, fp
 
-    def _pass1_shard(self, i: int, v, series, ws, path: Path) -> None:
+    def _pass1_shard(self, i: int, v, series, ws, path: Path, progress: Progress) -> None:
         """Statistics of shard i's fit documents to `path`, their series terms into `series` (in memory: the
         caller checkpoints it after the shard; a shard that fails leaves only the last checkpoint)."""
         import pyarrow as pa
@@ -292,10 +318,11 @@ class Scorer:
                 cols[f"vdot_{k}"][idx] = st.vdot[k].cpu().numpy()
                 cols[f"series_{k}"][idx] = st.in_series[k].cpu().numpy()
             bad += _nonfinite_ids(torch.stack([*st.sq.values(), *st.vdot.values()]), [docs[j].id for j in idx])
+            progress.update(len(idx), tokens=sum(len(docs[j].ids) - 1 for j in idx))
         _raise_if_bad(bad, self.shards[i], "gradient")
         table = pa.table({"id": pa.array([d.id for d in docs], pa.string()), **cols})
         _write_parquet(table, path, {})
-        self.log(f"step {self.sampler.step}: pass 1 shard {i + 1}/{len(self.shards)} "
+        progress.log_through(self.log)(f"step {self.sampler.step}: pass 1 shard {i + 1}/{len(self.shards)} "
                  f"({len(docs):,} docs, {time.perf_counter() - t0:.1f} s)")
 
     def read_fit_json(self) -> dict | None:
@@ -381,28 +408,34 @@ class Scorer:
         from automixer_ops.influence.grads import BatchGrads, Workspace
 
         scored, ws = 0, Workspace()
-        for i in shards:
-            path = self.out / self.shards[i].name
-            if path.is_file() and parquet_metadata(path).get("fit") == fp:
-                continue
-            t0 = time.perf_counter()
-            docs = self.read_shard(i)
-            util, bad = np.zeros(len(docs), np.float32), []
-            for idx, batch in self.batches(docs):
-                bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast, project=self.projected(fit),
-                                workspace=ws)
-                u = sum(bg.dots(fit.r).values())
-                bad += _nonfinite_ids(u[None], [docs[j].id for j in idx])
-                util[idx] = u.cpu().numpy()
-            _raise_if_bad(bad, self.shards[i], "utility")
-            table = pa.table({"id": pa.array([d.id for d in docs], pa.string()), "utility": util,
-                              "n_tokens": pa.array([d.n_tokens for d in docs], pa.int64())})
-            _write_parquet(table, path, {"fit": fp})
-            n_tok = sum(len(d.ids) - 1 for d in docs)
-            dt = time.perf_counter() - t0
-            self.log(f"step {self.sampler.step}: scored shard {i + 1}/{len(self.shards)} ({len(docs):,} docs, "
-                     f"{n_tok / dt:,.0f} tok/s)")
-            scored += 1
+        with Progress(f"score step {self.sampler.step}", self.n_docs(shards), "doc") as progress:
+            log = progress.log_through(self.log)
+            for i in shards:
+                path = self.out / self.shards[i].name
+                if path.is_file() and parquet_metadata(path).get("fit") == fp:
+                    progress.skip(self.n_docs([i]))
+                    continue
+                t0 = time.perf_counter()
+                docs = self.read_shard(i)
+                util, bad = np.zeros(len(docs), np.float32), []
+                for idx, batch in self.batches(docs):
+                    bg = BatchGrads(self.model, batch, autocast_dtype=self.autocast, project=self.projected(fit),
+                                    workspace=ws)
+                    u = sum(bg.dots(fit.r).values())
+                    bad += _nonfinite_ids(u[None], [docs[j].id for j in idx])
+                    util[idx] = u.cpu().numpy()
+                    progress.update(len(idx), tokens=sum(len(docs[j].ids) - 1 for j in idx))
+                _raise_if_bad(bad, self.shards[i], "utility")
+                table = pa.table({"id": pa.array([d.id for d in docs], pa.string()), "utility": util,
+                                  "n_tokens": pa.array([d.n_tokens for d in docs], pa.int64())})
+                n_tok = sum(len(d.ids) - 1 for d in docs)
+                dt = time.perf_counter() - t0
+                # The time and tokens go with the part: the report's throughput per shard (file times are not
+                # the work's when shards were scored in parallel).
+                _write_parquet(table, path, {"fit": fp, "seconds": f"{dt:.3f}", "scored_tokens": str(n_tok)})
+                log(f"step {self.sampler.step}: scored shard {i + 1}/{len(self.shards)} ({len(docs):,} docs, "
+                    f"{n_tok / dt:,.0f} tok/s)")
+                scored += 1
         return scored
 
     @staticmethod
