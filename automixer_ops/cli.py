@@ -150,7 +150,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_group_influence(args: argparse.Namespace) -> int:
-    from automixer_ops.rundir import RunDir
+    from automixer_ops.rundir import RunDir, fingerprint
     from automixer_ops.tikmix.group_influence import group_influence, record
     from automixer_ops.tikmix.method import DB_NAME, checkpoint_step, gi_settings
 
@@ -159,7 +159,7 @@ def cmd_group_influence(args: argparse.Namespace) -> int:
     if args.checkpoint:
         ckpt, step = Path(args.checkpoint).resolve(), None
         label = f"checkpoint:{ckpt}"
-        name = f"{ckpt.parent.name}-{ckpt.name}"
+        name = f"{ckpt.parent.name}-{ckpt.name}-{fingerprint(str(ckpt))[:8]}"  # two runs' step-100 apart
     else:
         if args.step is not None:
             cfg.tikmix.checkpoint = args.step

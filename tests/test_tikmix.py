@@ -145,6 +145,37 @@ def test_dynamic_stage_by_stage_equals_all_at_once_and_reads_on_through_the_corp
     assert gi == [("target:step-4",), ("target:step-8",)]
 
 
+def test_a_dynamic_run_solves_each_stage_once_and_refuses_a_changed_stage_it_trained_past(scoring_run, tmp_path,
+                                                                                            monkeypatch):
+    import automixer_ops.tikmix.method as method
+    from automixer_ops.errors import AutomixerError
+    from automixer_ops.tikmix.dynamic import train_dynamic
+
+    cfg = cfg_of(scoring_run, "tikmix.stages=2")
+    out, budget = tmp_path / "dyn", 256 * 8
+    train_dynamic(cfg, "d", out, cfg.target, budget, 0, log=lambda _: None)
+    first = json.loads((out / "stages.json").read_text())
+
+    def no_solve(*a, **k):
+        raise AssertionError("solved again")
+
+    monkeypatch.setattr(method, "solve", no_solve)  # a rerun, and an earlier stage's task, reuse the recorded solve
+    train_dynamic(cfg, "d", out, cfg.target, budget, 0, log=lambda _: None)
+    train_dynamic(cfg, "d", out, cfg.target, budget, 0, log=lambda _: None, until_stage=1, measure_only=True)
+    assert json.loads((out / "stages.json").read_text()) == first  # kept whole, still complete
+    monkeypatch.undo()
+
+    # Another validation set changes stage 1's Group Influence, hence its mixture: the target trained past it.
+    valset = cfg.run_dir / "valsets" / "piqa.jsonl"
+    saved = valset.read_text()
+    try:
+        valset.write_text(saved.splitlines()[0] + "\n")
+        with pytest.raises(AutomixerError, match="stage 1's mixture would change"):
+            train_dynamic(cfg, "d", out, cfg.target, budget, 0, log=lambda _: None)
+    finally:
+        valset.write_text(saved)
+
+
 def test_the_tikmix_dag_parses_with_one_task_group_per_stage(monkeypatch):
     import importlib.util
 

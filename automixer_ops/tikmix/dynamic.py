@@ -39,6 +39,7 @@ from automixer_ops.errors import AutomixerError
 from automixer_ops.rundir import RunDir, atomic_write, atomic_write_text, file_hash, fingerprint
 
 STAGES_JSON = "stages.json"
+SOLVE_JSON = "solve.json"  # stages/stage-<s>/: the stage's solve and the inputs it was made from
 VERSION = 1
 
 
@@ -133,7 +134,8 @@ def train_dynamic(cfg: Config, variant: Literal["d", "m"], out: Path, target: Ta
 
     from automixer_ops.baselines.common import already_drawn, read_corpus_index, summarize, write_mixture
     from automixer_ops.mixture_io import PART_GLOB
-    from automixer_ops.tikmix.group_influence import group_influence, record
+    from automixer_ops.checkpoints import list_checkpoints
+    from automixer_ops.tikmix.group_influence import group_influence, read_gi_json, record
     from automixer_ops.tikmix.method import DB_NAME, gi_settings, read_gi_matrix, record_weights, solve
     from automixer_ops.trainer import TrainJob, pack_documents, settings_fingerprint, train
 
@@ -180,14 +182,27 @@ def train_dynamic(cfg: Config, variant: Literal["d", "m"], out: Path, target: Ta
             label = f"target:step-{start}"
             gi = read_gi_matrix(group_influence(run, ckpt, tasks, gi_set, gi_dir, log), tasks, groups)
             record(out / DB_NAME, gi_dir, label, start)
-            solved = solve(variant, cfg, run, ckpt, groups, tasks, gi, available, stage_tokens, w, seed, log,
-                           training=settings)
+            # A stage is solved once: its tasks (measure, train) and every later call reuse the recorded solve
+            # (TiKMiX-M's probes are the costly part, and a GPU's may not repeat bit for bit).
+            solve_fp = fingerprint({"plan": plan_id, "seed": seed, "stage": s, "gi": read_gi_json(gi_dir)["fingerprint"],
+                                    "w_prev": [float(x) for x in w]})
+            solved = _read_solve(out / "stages" / f"stage-{s}" / SOLVE_JSON, solve_fp)
+            if solved is None:
+                solved = solve(variant, cfg, run, ckpt, groups, tasks, gi, available, stage_tokens, w, seed, log,
+                               training=settings)
+                atomic_write_text(out / "stages" / f"stage-{s}" / SOLVE_JSON,
+                                  json.dumps({"fingerprint": solve_fp, "solve": solved}, default=float) + "\n")
             w = np.array([solved["weights"][g] for g in groups])
         stage_dir = out / "stages" / f"stage-{s}"
         quotas = {g: float(x) * stage_tokens for g, x in zip(groups, w)}
         idx, rep = cursors.draw(quotas)
         stage_fp = fingerprint({"plan": plan_id, "seed": seed, "stage": s, "weights": [float(x) for x in w]})
         if not already_drawn(stage_dir / "mixture", stage_fp):
+            trained_past = [c for c in list_checkpoints(RunDir(out)) if c > start]
+            if (stage_dir / "mixture").exists() and trained_past:
+                raise AutomixerError(f"{stage_dir}: stage {s}'s mixture would change (its Group Influence, the "
+                                     f"validation sets or the settings did), but the target already trained past step "
+                                     f"{start} on the old one (checkpoints {trained_past}); delete {out} to train it again")
             summary = {"method": f"tikmix-{variant}-dynamic", "kind": f"tikmix-{variant}-dynamic", "seed": seed,
                        "stage": s, "steps": [start, end], "input_fingerprint": stage_fp,
                        **summarize(index, idx, rep, stage_tokens), "corpus_fingerprint": plan["corpus"]}
@@ -216,11 +231,29 @@ def train_dynamic(cfg: Config, variant: Literal["d", "m"], out: Path, target: Ta
                        tokenizer=tokenizer, fingerprint=job_fp, log_path=out / "train_log.jsonl",
                        retrain_hint=f"delete {out}/checkpoints to train this target again", save_steps=set(bounds[1:]))
         ckpts = train(job, log, stop_at=end)
+    # A call for an earlier stage (a cleared Airflow task) keeps the later stages already recorded.
+    before = _read_json(out / STAGES_JSON)
+    if before and before.get("bounds") == bounds and len(before.get("stages", [])) > len(stages):
+        stages += before["stages"][len(stages):]
+    done = settings.max_steps in list_checkpoints(RunDir(out))
     atomic_write_text(out / STAGES_JSON, json.dumps({"bounds": bounds, "groups": groups, "stages": stages,
-                                                      "complete": len(stages) == len(bounds) - 1 and not measure_only},
+                                                      "complete": len(stages) == len(bounds) - 1 and done},
                                                      indent=2, default=float) + "\n")
     plot_stages(stages, groups, out / "stages.png")
     return ckpts
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_solve(path: Path, solve_fp: str) -> dict | None:
+    """A stage's recorded solve, when it was made from these inputs."""
+    saved = _read_json(path)
+    return saved["solve"] if saved and saved.get("fingerprint") == solve_fp else None
 
 
 def plot_stages(stages: list[dict], groups: list[str], path: Path) -> None:

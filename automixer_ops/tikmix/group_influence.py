@@ -164,6 +164,10 @@ def group_influence(run: RunDir, checkpoint: Path, tasks: list[str], settings: G
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     model = load_causal_lm(checkpoint, torch.float32).to(device).eval().requires_grad_(False)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and settings.max_seq_len > limit:
+        raise AutomixerError(f"influence.max_seq_len: {settings.max_seq_len} exceeds {checkpoint}'s "
+                             f"max_position_embeddings {limit}")
     try:
         check_plain_head(model)
     except AutomixerError as e:
@@ -225,9 +229,10 @@ def record(db: Path, gi_dir: Path, checkpoint_label: str, step: int | None) -> i
     info = read_gi_json(gi_dir)
     if info is None:
         raise AutomixerError(f"{gi_dir}: no finished group influence estimate ({GI_JSON} missing)")
+    from automixer_ops.tikmix.method import db_writer
+
     estimate = info["settings"]["estimate"]
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with duckdb.connect(str(db)) as con:
+    with db_writer(db), duckdb.connect(str(db)) as con:
         con.execute("""CREATE TABLE IF NOT EXISTS group_influence (
                            checkpoint VARCHAR, step BIGINT, estimate VARCHAR, group_by VARCHAR, task VARCHAR,
                            group_name VARCHAR, gi DOUBLE, stderr DOUBLE, n_docs BIGINT, n_tokens BIGINT,

@@ -19,6 +19,7 @@ same inputs does nothing (GI, solve and draw are each keyed by what they depend 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Literal
@@ -59,7 +60,7 @@ def read_gi_matrix(gi_parquet: Path, tasks: list[str], groups: list[str]) -> np.
     """(tasks, groups) GI from a gi.parquet; a group it does not hold (no document sampled) is NaN."""
     import duckdb
 
-    rows = duckdb.sql(f"SELECT task, group_name, gi FROM read_parquet('{gi_parquet}')").fetchall()
+    rows = duckdb.sql("SELECT task, group_name, gi FROM read_parquet($p)", params={"p": str(gi_parquet)}).fetchall()
     gi = np.full((len(tasks), len(groups)), np.nan)
     t_i, g_i = {t: i for i, t in enumerate(tasks)}, {g: i for i, g in enumerate(groups)}
     for t, g, v in rows:
@@ -71,15 +72,29 @@ def read_gi_matrix(gi_parquet: Path, tasks: list[str], groups: list[str]) -> np.
     return gi
 
 
+@contextmanager
+def db_writer(db: Path):
+    """One writer of a tikmix.duckdb at a time: several units of an experiment (or seeds of a method) may record
+    into the same file at once, and DuckDB refuses a second writing process instead of waiting. This waits."""
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def record_weights(db: Path, rows: list[dict]) -> None:
     """Rows (version, stage, checkpoint, variant, group_name, weight, ...) into tikmix_weights; a version's rows
     are replaced as a whole."""
     import duckdb
     import pyarrow as pa
 
-    db.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows)
-    with duckdb.connect(str(db)) as con:
+    with db_writer(db), duckdb.connect(str(db)) as con:
         con.execute("""CREATE TABLE IF NOT EXISTS tikmix_weights (
                            version VARCHAR, stage INTEGER, checkpoint VARCHAR, variant VARCHAR, group_name VARCHAR,
                            weight DOUBLE, w_prev DOUBLE, cap DOUBLE, gi_hat DOUBLE, tokens_available BIGINT)""")

@@ -71,6 +71,11 @@ def multi_task_fit(model, val: Mapping[str, Iterable[tuple[Batch, torch.Tensor]]
         raise AutomixerError("group influence: the fit set is empty")
     b = {k: torch.cat(x) for k, x in sq.items()}
     a = {t: {k: torch.cat(x) for k, x in d.items()} for t, d in dots.items()}
+    bad = sorted({int(i) for x in [*b.values(), *(y for d in a.values() for y in d.values())]
+                  for i in (~torch.isfinite(x)).nonzero()[:, 0].tolist()})
+    if bad:
+        raise AutomixerError(f"group influence: the gradient of fit sample(s) {bad[:5]} (in fit order) is NaN or "
+                             "infinite; check those documents and the checkpoint")
     n = len(next(iter(b.values())))
     dims = {k: m.numel() for k, m in v[tasks[0]].items()}
     sum_sq = {k: float(x.sum()) for k, x in b.items()}

@@ -104,6 +104,8 @@ def candidate_mixtures(natural: np.ndarray, caps: np.ndarray, n: int, concentrat
     alive = natural > 0
     draws = np.zeros((n, len(natural)))
     draws[:, alive] = rng.dirichlet(concentration * natural[alive] / natural[alive].sum(), size=n)
+    # A small alpha gives exact zeros in float64; a zero never scales up, so capping could find no room.
+    draws[:, alive] = np.maximum(draws[:, alive], 1e-12)
     return cap_mixture(draws, caps)
 
 

@@ -42,6 +42,15 @@ OVERRIDABLE = (
     "regroup.keep_fraction",
     "regroup.joint",
     "mix.token_budget", "mix.max_repeats", "mix.caps", "mix.docs_per_part", "mix.underfill",
+    "target.preset", "target.seq_len", "target.batch_size", "target.grad_accum", "target.lr", "target.min_lr_ratio",
+    "target.weight_decay", "target.grad_clip", "target.device", "target.log_every", "target.warmup_fraction",
+    "target.checkpoints",
+    "tikmix.group_by", "tikmix.estimate", "tikmix.per_group", "tikmix.checkpoint", "tikmix.stage_tokens",
+    "tikmix.d.tau", "tikmix.d.kappa", "tikmix.d.floor", "tikmix.d.repetition_factor", "tikmix.d.task_weights",
+    "tikmix.d.keep_task_influence", "tikmix.d.solver",
+    "tikmix.m.n_candidates", "tikmix.m.concentration", "tikmix.m.probe_steps", "tikmix.m.probe_lr",
+    "tikmix.m.probe_batch_size", "tikmix.m.n_search", "tikmix.m.top_k", "tikmix.m.num_boost_round",
+    "tikmix.m.learning_rate", "tikmix.m.num_leaves", "tikmix.m.min_data_in_leaf", "tikmix.m.use_gi_feature",
 )
 
 # Unicode categories no param needs: C0/C1 controls (newline, tab, escape...), invisible format
