@@ -40,6 +40,10 @@ class CorpusIndex:
     def __len__(self) -> int:
         return len(self.n_tokens)
 
+    def source_tokens(self) -> np.ndarray:
+        """Tokens of each source, in source_names order (int64)."""
+        return np.bincount(self.source_codes, weights=self.n_tokens, minlength=len(self.source_names)).astype(np.int64)
+
     def source_rows(self) -> dict[str, np.ndarray]:
         order = np.argsort(self.source_codes, kind="stable")
         bounds = np.searchsorted(self.source_codes[order], np.arange(len(self.source_names) + 1))

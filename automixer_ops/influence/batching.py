@@ -47,6 +47,23 @@ def pair_sequences(tokenizer, pairs: Sequence[tuple[str, str]], prefix_id: int,
     return out
 
 
+def validation_sequences(run_dir, tokenizer, task: str, prefix_id: int, max_len: int) -> list[tuple[list[int], int]]:
+    """A task's validation pairs (`valsets/<task>.jsonl`, written by `evaluate`) as `pair_sequences` gives them: the
+    sequences whose gold-continuation loss DataInf differentiates, the same as evaluate's gold_ll. An empty file, or
+    a pair whose continuation tokenizes to nothing, is refused, naming it."""
+    from automixer_ops.errors import AutomixerError
+    from automixer_ops.tasks import read_validation_set
+
+    pairs = read_validation_set(run_dir, task)
+    if not pairs:
+        raise AutomixerError(f"{run_dir}/valsets/{task}.jsonl is empty")
+    encoded = pair_sequences(tokenizer, [(p["context"], p["continuation"]) for p in pairs], prefix_id, max_len)
+    for p, (ids, first) in zip(pairs, encoded):
+        if first == len(ids):
+            raise AutomixerError(f"valsets/{task}.jsonl document {p.get('doc', '?')}: empty continuation")
+    return encoded
+
+
 def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int = 256) -> Iterator[list[int]]:
     """Indices grouped into batches of similar length, each at most `batch_tokens` padded tokens.
 

@@ -139,23 +139,16 @@ class Scorer:
     def validation_batches(self):
         import torch
 
-        from automixer_ops.tasks import read_validation_set
-        from automixer_ops.influence.batching import length_batches, make_batch, pair_sequences
+        from automixer_ops.influence.batching import length_batches, make_batch, validation_sequences
 
         seqs, firsts, coeffs = [], [], []
         for task in self.sampler.tasks:
-            pairs = read_validation_set(self.run.path, task)
-            if not pairs:
-                raise AutomixerError(f"{self.run.path}/valsets/{task}.jsonl is empty")
             # The same token sequences as evaluate's gold_ll (cut from the left, as lm-eval does).
-            encoded = pair_sequences(self.tokenizer, [(p["context"], p["continuation"]) for p in pairs], self.eos,
-                                     self.inf.max_seq_len)
-            for p, (ids, first) in zip(pairs, encoded):
-                if first == len(ids):
-                    raise AutomixerError(f"valsets/{task}.jsonl document {p.get('doc', '?')}: empty continuation")
+            encoded = validation_sequences(self.run.path, self.tokenizer, task, self.eos, self.inf.max_seq_len)
+            for ids, first in encoded:
                 seqs.append(ids)
                 firsts.append(first)
-                coeffs.append(1.0 / (len(self.sampler.tasks) * len(pairs)))
+                coeffs.append(1.0 / (len(self.sampler.tasks) * len(encoded)))
         for idx in length_batches([len(s) for s in seqs], self.inf.batch_tokens):
             yield (make_batch([seqs[i] for i in idx], [firsts[i] for i in idx], self.pad).to(self.device),
                    torch.tensor([coeffs[i] for i in idx]))

@@ -151,7 +151,7 @@ def train_dynamic(cfg: Config, variant: Literal["d", "m"], out: Path, target: Ta
     per_step = settings.seq_len * settings.batch_size * settings.grad_accum
     index = read_corpus_index(run)
     groups = list(index.source_names)
-    available = np.array([int(index.n_tokens[index.source_codes == i].sum()) for i in range(len(groups))])
+    available = index.source_tokens()
     natural = available / available.sum()
     tasks = list(cfg.tasks.names())
     gi_set = gi_settings(cfg, seed=cfg.run.seed)  # the same documents at every stage and for every seed

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -104,17 +105,11 @@ def validation_by_task(run: RunDir, tokenizer, tasks: list[str], max_seq_len: in
     """Per task: its validation pairs (valsets/<task>.jsonl) as batches with weights 1/n, the loss `score` uses."""
     import torch
 
-    from automixer_ops.influence.batching import length_batches, make_batch, pair_sequences
-    from automixer_ops.tasks import read_validation_set
+    from automixer_ops.influence.batching import length_batches, make_batch, validation_sequences
 
     out = {}
     for task in tasks:
-        pairs = read_validation_set(run.path, task)
-        if not pairs:
-            raise AutomixerError(f"{run.valset(task)} is empty")
-        encoded = pair_sequences(tokenizer, [(p["context"], p["continuation"]) for p in pairs], eos, max_seq_len)
-        if any(first == len(ids) for ids, first in encoded):
-            raise AutomixerError(f"{run.valset(task)}: a document has an empty continuation")
+        encoded = validation_sequences(run.path, tokenizer, task, eos, max_seq_len)
         w = 1.0 / len(encoded)
         out[task] = [(make_batch([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], pad).to(device),
                       torch.full((len(idx),), w))
@@ -221,6 +216,21 @@ def read_gi_json(out: Path) -> dict | None:
         return None
 
 
+@contextmanager
+def db_writer(db: Path):
+    """One writer of a tikmix.duckdb at a time: several units of an experiment (or seeds of a method) may record
+    into the same file at once, and DuckDB refuses a second writing process instead of waiting. This waits."""
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def record(db: Path, gi_dir: Path, checkpoint_label: str, step: int | None) -> int:
     """gi_dir's estimate into the `group_influence` table of `db` (rows of the same checkpoint and estimate
     replaced, in one transaction). Returns the rows written."""
@@ -229,8 +239,6 @@ def record(db: Path, gi_dir: Path, checkpoint_label: str, step: int | None) -> i
     info = read_gi_json(gi_dir)
     if info is None:
         raise AutomixerError(f"{gi_dir}: no finished group influence estimate ({GI_JSON} missing)")
-    from automixer_ops.tikmix.method import db_writer
-
     estimate = info["settings"]["estimate"]
     with db_writer(db), duckdb.connect(str(db)) as con:
         con.execute("""CREATE TABLE IF NOT EXISTS group_influence (

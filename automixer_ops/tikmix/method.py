@@ -19,7 +19,6 @@ same inputs does nothing (GI, solve and draw are each keyed by what they depend 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Literal
@@ -72,26 +71,13 @@ def read_gi_matrix(gi_parquet: Path, tasks: list[str], groups: list[str]) -> np.
     return gi
 
 
-@contextmanager
-def db_writer(db: Path):
-    """One writer of a tikmix.duckdb at a time: several units of an experiment (or seeds of a method) may record
-    into the same file at once, and DuckDB refuses a second writing process instead of waiting. This waits."""
-    import fcntl
-
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def record_weights(db: Path, rows: list[dict]) -> None:
     """Rows (version, stage, checkpoint, variant, group_name, weight, ...) into tikmix_weights; a version's rows
     are replaced as a whole."""
     import duckdb
     import pyarrow as pa
+
+    from automixer_ops.tikmix.group_influence import db_writer
 
     table = pa.Table.from_pylist(rows)
     with db_writer(db), duckdb.connect(str(db)) as con:
@@ -199,7 +185,7 @@ def tikmix_mixture(cfg: Config, variant: Literal["d", "m"], out: Path, token_bud
 
     index = read_corpus_index(run)
     groups = list(index.source_names)
-    tokens = np.array([int(index.n_tokens[index.source_codes == i].sum()) for i in range(len(groups))])
+    tokens = index.source_tokens()
     natural = tokens / tokens.sum()
     gi = read_gi_matrix(gi_parquet, tasks, groups)
     inputs = {"version": VERSION, "variant": variant, "token_budget": token_budget, "seed": seed,
